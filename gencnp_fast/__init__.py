@@ -1,0 +1,34 @@
+"""gencnp_fast: neural-pathway explanations of CNN classifiers (GEN-CNP), run at sparse-compute speed.
+
+Public API:
+    pathway_units(model, example_input)        the model's units (activation calls) in execution order
+    reference_pathway_forward(model, mask, x)  the dense masked model (the oracle)
+    fast_pathway_forward(model, mask, x)       the same logits with every pruned channel skipped
+    Pathway                                    per-unit channel masks
+"""
+
+from .model import (
+    MaskLike,
+    Pathway,
+    Unit,
+    UnsupportedModelError,
+    capture_units,
+    pathway_units,
+    reference_pathway_forward,
+)
+from .plan import available_backends, fast_pathway_forward, pathway_flops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskLike",
+    "Pathway",
+    "Unit",
+    "UnsupportedModelError",
+    "available_backends",
+    "capture_units",
+    "fast_pathway_forward",
+    "pathway_flops",
+    "pathway_units",
+    "reference_pathway_forward",
+]

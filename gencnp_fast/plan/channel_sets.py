@@ -1,0 +1,137 @@
+"""Runtime channel sets: which channels of a compacted activation are stored, per sample.
+
+A compacted activation is ``[B, K, ...]``: channel ``j`` of sample ``b`` holds the original channel ``idx[b, j]``;
+``idx[b, j] == -1`` marks padding (data zero) after the sample's last active channel. Samples whose rows are equal
+share a group id, so kernels can reuse one gathered weight tile for the whole group.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["ChannelSet", "remap_channels", "conv_groups"]
+
+
+class ChannelSet:
+    """Active channels per sample.
+
+    Attributes:
+        idx: int32 ``[B, K]``, valid entries ascending, then ``-1`` padding.
+        gid: int64 ``[B]`` group id of each sample (equal rows, equal id); ``ngroups`` ids in all.
+        channels: channel count of the full activation.
+        full: every sample keeps every channel (``idx`` is ``arange(C)`` on every row).
+    """
+
+    __slots__ = ("idx", "gid", "ngroups", "channels", "full", "counts", "_pos")
+
+    def __init__(self, idx: torch.Tensor, gid: torch.Tensor, ngroups: int, channels: int, full: bool, counts: torch.Tensor):
+        self.idx = idx
+        self.gid = gid
+        self.ngroups = ngroups
+        self.channels = channels
+        self.full = full
+        self.counts = counts
+        self._pos: Optional[torch.Tensor] = None
+
+    @property
+    def width(self) -> int:
+        return int(self.idx.shape[1])
+
+    @classmethod
+    def dense(cls, batch: int, channels: int, device) -> "ChannelSet":
+        idx = torch.arange(channels, dtype=torch.int32, device=device).unsqueeze(0).expand(batch, channels)
+        zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+        return cls(idx, zeros, 1, channels, True, torch.full((batch,), channels, dtype=torch.int64, device=device))
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, batch: int) -> "ChannelSet":
+        """From a bool mask ``[C]`` (shared) or ``[B, C]`` (per sample)."""
+        channels = int(mask.shape[-1])
+        device = mask.device
+        if mask.dim() == 1:
+            active = mask.nonzero().flatten().to(torch.int32)
+            k = int(active.numel())
+            if k == channels:
+                return cls.dense(batch, channels, device)
+            idx = active.unsqueeze(0).expand(batch, k)
+            gid = torch.zeros(batch, dtype=torch.int64, device=device)
+            return cls(idx, gid, 1, channels, False, torch.full((batch,), k, dtype=torch.int64, device=device))
+        counts = mask.sum(1)
+        k = int(counts.max())
+        if int(counts.min()) == channels:
+            return cls.dense(batch, channels, device)
+        # Stable sort puts the active channels first, in ascending channel order.
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        valid = torch.arange(k, device=device).unsqueeze(0) < counts.unsqueeze(1)
+        idx = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
+        uniq, gid = torch.unique(mask, dim=0, return_inverse=True)
+        return cls(idx.contiguous(), gid, int(uniq.shape[0]), channels, False, counts)
+
+    def flattened(self, spatial: int) -> "ChannelSet":
+        """The set of ``torch.flatten(x, 1)`` features of a ``[B, C, H, W]`` activation with ``H*W = spatial``."""
+        if spatial == 1:
+            return self
+        if self.full:
+            return ChannelSet.dense(self.idx.shape[0], self.channels * spatial, self.idx.device)
+        s = torch.arange(spatial, dtype=torch.int32, device=self.idx.device)
+        flat = self.idx.unsqueeze(2) * spatial + s
+        flat = torch.where(self.idx.unsqueeze(2) < 0, torch.full_like(flat, -1), flat)
+        return ChannelSet(
+            flat.reshape(self.idx.shape[0], -1), self.gid, self.ngroups, self.channels * spatial, False,
+            self.counts * spatial,
+        )
+
+    def positions(self) -> torch.Tensor:
+        """int64 ``[B, C]``: where channel ``c`` of sample ``b`` is stored, or ``K`` (the zero slot) if absent."""
+        if self._pos is None:
+            b, k = self.idx.shape
+            pos = torch.full((b, self.channels + 1), k, dtype=torch.int64, device=self.idx.device)
+            src = torch.arange(k, dtype=torch.int64, device=self.idx.device).unsqueeze(0).expand(b, k)
+            # padding (-1) writes to the extra column C, which is dropped
+            pos.scatter_(1, torch.where(self.idx < 0, self.channels, self.idx.long()), src)
+            self._pos = pos[:, : self.channels]
+        return self._pos
+
+
+def remap_channels(x: torch.Tensor, src: ChannelSet, dst: ChannelSet) -> torch.Tensor:
+    """Re-compact ``x`` (stored for ``src``) to ``dst``: channels absent from ``src`` become zeros."""
+    if src is dst or (src.full and dst.full):
+        return x
+    b = x.shape[0]
+    if src.full:
+        take = dst.idx.long()
+        fill = take < 0
+        take = take.clamp(min=0)
+    else:
+        take = src.positions().gather(1, dst.idx.long().clamp(min=0))
+        fill = dst.idx < 0
+        take = torch.where(fill, torch.full_like(take, src.width), take)
+    if not src.full:
+        x = torch.cat([x, x.new_zeros((b, 1) + tuple(x.shape[2:]))], 1)
+    rows = torch.arange(b, device=x.device).unsqueeze(1)
+    out = x[rows, take]
+    if src.full and bool(fill.any()):
+        out = out * (~fill).to(out.dtype).reshape(fill.shape + (1,) * (x.dim() - 2))
+    return out
+
+
+_GroupCache = Dict[Tuple[int, int], torch.Tensor]
+
+
+def conv_groups(a: ChannelSet, b: ChannelSet, cache: Optional[_GroupCache] = None) -> torch.Tensor:
+    """int32 ``[B]`` ids of samples sharing both ``a``'s and ``b``'s rows (the weight tile a kernel can reuse)."""
+    key = (id(a), id(b))
+    if cache is not None and key in cache:
+        return cache[key]
+    if a.ngroups == 1:
+        g = b.gid
+    elif b.ngroups == 1:
+        g = a.gid
+    else:
+        g = torch.unique(a.gid * b.ngroups + b.gid, return_inverse=True)[1]
+    g = g.to(torch.int32)
+    if cache is not None:
+        cache[key] = g
+    return g

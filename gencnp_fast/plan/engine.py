@@ -1,0 +1,278 @@
+"""``fast_pathway_forward``: run a compiled plan with a chosen kernel backend.
+
+Backends:
+    ``"cpu"``        C++/OpenMP kernels (``torch.ops.gencnp_fast.gathered_conv2d``), float32, CPU tensors.
+    ``"torch"``      the same plan with a plain-torch gathered conv (slow; no compiled code needed).
+    ``"reference"``  :func:`reference_pathway_forward` (the dense masked model).
+    ``"cuda"``, ``"triton"``  GPU kernels (when built / installed and a GPU is present).
+    ``"auto"``       the fastest available for ``x``'s device and dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.pathway import MaskLike, normalize_masks
+from ..model.reference import cached_units, check_model_and_input, reference_pathway_forward
+from .channel_sets import ChannelSet, conv_groups, remap_channels
+from .compiler import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep, SetRef, compile_plan
+
+__all__ = ["fast_pathway_forward", "available_backends", "pathway_flops", "register_conv_backend", "get_plan"]
+
+# A conv backend: (x, in_idx, weight, bias, out_idx, groups, residual, stride, padding, dilation, relu) -> out
+ConvFn = Callable[..., torch.Tensor]
+_CONV_BACKENDS: Dict[str, Tuple[Callable[[], bool], Callable[[], ConvFn], Tuple[str, ...]]] = {}
+
+
+def register_conv_backend(name: str, available: Callable[[], bool], loader: Callable[[], ConvFn],
+                          devices: Tuple[str, ...]) -> None:
+    """Register a kernel backend for the plan's gathered convolutions."""
+    _CONV_BACKENDS[name] = (available, loader, devices)
+
+
+def _cpu_available() -> bool:
+    try:
+        from .. import ops
+
+        return ops.extension_loaded()
+    except ImportError:
+        return False
+
+
+def _cpu_loader() -> ConvFn:
+    from .. import ops
+
+    ops.require_extension()
+    return torch.ops.gencnp_fast.gathered_conv2d
+
+
+def _torch_loader() -> ConvFn:
+    from ..ops import gathered_conv2d_reference
+
+    return gathered_conv2d_reference
+
+
+register_conv_backend("cpu", _cpu_available, _cpu_loader, ("cpu",))
+register_conv_backend("torch", lambda: True, _torch_loader, ("cpu", "cuda"))
+
+
+def available_backends(device: str = "cpu") -> List[str]:
+    """Backends that can run on ``device`` here (``"reference"`` always can)."""
+    dev = torch.device(device).type
+    names = [n for n, (ok, _, devs) in _CONV_BACKENDS.items() if dev in devs and ok()]
+    return names + ["reference"]
+
+
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def _pick_backend(backend: str, x: torch.Tensor) -> str:
+    dev = x.device.type
+    if backend == "auto":
+        avail = available_backends(dev)
+        for name in _AUTO_ORDER.get(dev, ()):
+            if name in avail and (name != "cpu" or x.dtype == torch.float32):
+                return name
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend not in _CONV_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {sorted(_CONV_BACKENDS) + ['reference', 'auto']}")
+    ok, _, devs = _CONV_BACKENDS[backend]
+    if dev not in devs:
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(devs)} tensors, x is on {x.device}")
+    if not ok():
+        raise RuntimeError(f"backend {backend!r} is not available here (available: {available_backends(dev)})")
+    if backend == "cpu" and x.dtype != torch.float32:
+        raise ValueError(f"backend 'cpu' computes in float32, x is {x.dtype}; convert x or use backend='reference'")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan cache: model -> {(input shape, dtype, device, masked units): (weights fingerprint, plan)}
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[tuple, Plan]]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer step, load_state_dict)."""
+    return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def get_plan(model: nn.Module, x: torch.Tensor, masked: FrozenSet[str]) -> Plan:
+    """The compiled plan for ``model`` on inputs shaped like ``x`` (cached; recompiled when weights change)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, masked)
+    per_model = _PLANS.setdefault(model, {})
+    fp = _fingerprint(model)
+    hit = per_model.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    if hit is not None:  # weights changed: every cached plan of this model is stale
+        per_model.clear()
+    plan = compile_plan(model, x, masked)
+    if x.dtype != torch.float32:
+        for st in plan.steps:
+            if isinstance(st, ConvStep):
+                st.weight = st.weight.to(x.dtype)
+                st.bias = st.bias.to(x.dtype) if st.bias is not None else None
+    per_model[key] = (fp, plan)
+    return plan
+
+
+class _Sets:
+    """Resolves symbolic channel sets of a plan to :class:`ChannelSet` for one call (memoised)."""
+
+    def __init__(self, plan: Plan, masks: Dict[str, torch.Tensor], batch: int, device):
+        self.plan, self.masks, self.batch, self.device = plan, masks, batch, device
+        self.cache: Dict[SetRef, ChannelSet] = {}
+        self.group_cache: Dict = {}
+
+    def __call__(self, ref: SetRef) -> ChannelSet:
+        cs = self.cache.get(ref)
+        if cs is None:
+            if ref[0] == "unit":
+                cs = ChannelSet.from_mask(self.masks[ref[1]], self.batch)
+            elif ref[0] == "flat":
+                cs = self(ref[1]).flattened(ref[2])
+            else:
+                cs = ChannelSet.dense(self.batch, self.plan.set_channels[ref], self.device)
+            self.cache[ref] = cs
+        return cs
+
+
+def _conv_step(st: ConvStep, x: torch.Tensor, env, sets: _Sets, conv: ConvFn) -> torch.Tensor:
+    in_cs, out_cs = sets(st.in_set), sets(st.out_set)
+    b = x.shape[0]
+    if st.linear:
+        x = x.reshape(b, -1, 1, 1)
+    residual = None
+    if st.residual is not None:
+        res_slot, res_set = st.residual
+        residual = remap_channels(env[res_slot], sets(res_set), out_cs)
+        if st.linear:
+            residual = residual.reshape(b, -1, 1, 1)
+    if in_cs.full and out_cs.full:
+        # Nothing pruned on either side: the dense conv (BN folded) is the fastest kernel there is.
+        y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
+        if residual is not None:
+            y = y.add_(residual)
+        if st.relu:
+            y = y.relu_()
+    else:
+        groups = conv_groups(in_cs, out_cs, sets.group_cache)
+        y = conv(x.contiguous(), in_cs.idx, st.weight, st.bias, out_cs.idx, groups,
+                 None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
+                 list(st.dilation), st.relu)
+    return y.reshape(b, -1) if st.linear else y
+
+
+def run_plan(plan: Plan, masks: Dict[str, torch.Tensor], x: torch.Tensor, conv: ConvFn) -> torch.Tensor:
+    b = x.shape[0]
+    sets = _Sets(plan, masks, b, x.device)
+    env: Dict[str, torch.Tensor] = {plan.input_slot: x}
+    for st in plan.steps:
+        src = env[st.src]
+        if isinstance(st, ConvStep):
+            y = _conv_step(st, src, env, sets, conv)
+        elif isinstance(st, ChannelwiseStep):
+            if src.shape[1] == 0:
+                y = src.new_zeros((b, 0) + tuple(st.out_shape[1:]))
+            else:
+                y = st.fn(src)
+        elif isinstance(st, FlattenStep):
+            y = src.reshape(b, -1)
+        else:  # RemapStep
+            dst = sets(st.dst_set)
+            y = remap_channels(src, sets(st.src_set), dst)
+            if st.add is not None:
+                y = y + remap_channels(env[st.add[0]], sets(st.add[1]), dst)
+            if st.relu:
+                y = F.relu(y)
+        env[st.dst] = y
+    return env[plan.output_slot]
+
+
+def fast_pathway_forward(
+    model: nn.Module, mask: Optional[MaskLike], x: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Logits of the pathway model ``H(x; m)``, computed with every pruned channel skipped.
+
+    Equal (float32: relative error <= 1e-4) to :func:`reference_pathway_forward`. Inference only: no autograd.
+
+    Args:
+        model: target model in eval mode (VGG / ResNet style; see the README for supported layers).
+        mask: a :class:`Pathway` or mapping unit name -> bool/0-1 tensor ``[B, C]`` or ``[C]``; units not named
+            are kept whole.
+        x: input batch ``[B, C, H, W]`` (any memory layout).
+        backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"reference"`` (and ``"cuda"``, ``"triton"`` on a GPU).
+    """
+    check_model_and_input(model, x)
+    backend = _pick_backend(backend, x)
+    if backend == "reference":
+        with torch.no_grad():
+            return reference_pathway_forward(model, mask, x)
+    units = cached_units(model, x)
+    masks = normalize_masks(units, mask, x)
+    plan = get_plan(model, x, frozenset(masks))
+    conv = _CONV_BACKENDS[backend][1]()
+    with torch.no_grad():
+        return run_plan(plan, masks, x.contiguous(), conv)
+
+
+def pathway_flops(model: nn.Module, mask: Optional[MaskLike], x: torch.Tensor) -> Dict[str, object]:
+    """Work of the dense model and of the pathway, per conv/linear layer and in total (DESIGN §6).
+
+    Returns a dict with ``layers`` (per layer: ``dense_macs``, ``pathway_macs``, ``dense_weight_bytes``,
+    ``pathway_weight_bytes``: bytes of the weight slices each group of samples sharing masks must read) and the totals
+    ``dense_macs``, ``pathway_macs``, ``ideal_flop_ratio``, ``dense_bytes``, ``pathway_bytes``, ``ideal_bytes_ratio``
+    (bytes = weights read + activations read and written, float32).
+    """
+    check_model_and_input(model, x)
+    units = cached_units(model, x)
+    masks = normalize_masks(units, mask, x)
+    plan = get_plan(model, x, frozenset(masks))
+    b = x.shape[0]
+    sets = _Sets(plan, masks, b, x.device)
+    layers = []
+    tot = dict(dense_macs=0, pathway_macs=0, dense_bytes=0, pathway_bytes=0)
+    for st in plan.steps:
+        if not isinstance(st, ConvStep):
+            continue
+        in_cs, out_cs = sets(st.in_set), sets(st.out_set)
+        cout, cin, kh, kw = st.weight.shape
+        spatial_out = 1
+        for d in st.out_shape[1:]:
+            spatial_out *= d
+        kk = kh * kw
+        spatial_in = 1
+        for d in st.in_shape[1:]:
+            spatial_in *= d
+        cnt_in, cnt_out = in_cs.counts.double(), out_cs.counts.double()
+        dense_macs = b * cout * cin * kk * spatial_out
+        path_macs = float((cnt_in * cnt_out).sum()) * kk * spatial_out
+        groups = conv_groups(in_cs, out_cs).long()
+        first = torch.zeros(int(groups.max()) + 1, dtype=torch.long, device=groups.device).scatter_reduce_(
+            0, groups, torch.arange(b, device=groups.device), reduce="amin", include_self=False
+        )  # one representative sample per group
+        path_w = float((cnt_in[first] * cnt_out[first]).sum()) * kk * 4
+        dense_w = cout * cin * kk * 4
+        dense_act = 4 * b * (cin * spatial_in + cout * spatial_out)
+        path_act = 4 * float((cnt_in * spatial_in + cnt_out * spatial_out).sum())
+        layers.append(dict(name=st.name, dense_macs=dense_macs, pathway_macs=path_macs, dense_weight_bytes=dense_w,
+                           pathway_weight_bytes=path_w))
+        tot["dense_macs"] += dense_macs
+        tot["pathway_macs"] += path_macs
+        tot["dense_bytes"] += dense_w + dense_act
+        tot["pathway_bytes"] += path_w + path_act
+    return dict(
+        layers=layers,
+        **tot,
+        ideal_flop_ratio=tot["dense_macs"] / max(tot["pathway_macs"], 1.0),
+        ideal_bytes_ratio=tot["dense_bytes"] / max(tot["pathway_bytes"], 1.0),
+    )
