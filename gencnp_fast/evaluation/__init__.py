@@ -1,0 +1,5 @@
+"""Evaluation of pathways: metrics (DESIGN §5), baselines, class-pathway transfer and reports."""
+
+from .metrics import class_iou, confidence_metrics, density_stats, flatten_pathway, iou_matrix
+
+__all__ = ["class_iou", "confidence_metrics", "density_stats", "flatten_pathway", "iou_matrix"]
