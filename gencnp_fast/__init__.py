@@ -15,6 +15,7 @@ from .model import (
     capture_units,
     pathway_units,
     reference_pathway_forward,
+    soft_pathway_forward,
 )
 from .plan import available_backends, fast_pathway_forward, pathway_flops
 
@@ -31,4 +32,5 @@ __all__ = [
     "pathway_flops",
     "pathway_units",
     "reference_pathway_forward",
+    "soft_pathway_forward",
 ]

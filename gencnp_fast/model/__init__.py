@@ -1,7 +1,7 @@
 """The target model as the engine sees it: units, pathways (masks) and the reference forward."""
 
 from .pathway import MaskLike, Pathway, normalize_masks
-from .reference import capture_units, reference_pathway_forward
+from .reference import capture_units, reference_pathway_forward, soft_pathway_forward
 from .units import Unit, UnsupportedModelError, pathway_units
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "normalize_masks",
     "pathway_units",
     "reference_pathway_forward",
+    "soft_pathway_forward",
 ]

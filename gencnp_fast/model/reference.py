@@ -18,7 +18,13 @@ from torch.overrides import TorchFunctionMode
 from .pathway import MaskLike, normalize_masks
 from .units import Unit, pathway_units
 
-__all__ = ["reference_pathway_forward", "cached_units", "check_model_and_input", "capture_units"]
+__all__ = [
+    "reference_pathway_forward",
+    "soft_pathway_forward",
+    "cached_units",
+    "check_model_and_input",
+    "capture_units",
+]
 
 _FUNCTIONAL_RELU = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -177,3 +183,24 @@ def capture_units(model: nn.Module, x: torch.Tensor, mask: Optional[MaskLike] = 
 
     logits = _run_with_unit_hook(model, units, x, apply)
     return logits, feats
+
+
+def soft_pathway_forward(model: nn.Module, scores: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The dense model with each unit's output multiplied by real-valued ``scores`` (``[B, C]`` or ``[C]``).
+
+    The differentiable relaxation used to train pathway generators and gates: gradients flow to ``scores``
+    (and to ``x``). Values are not checked to be binary; names and shapes are.
+    """
+    check_model_and_input(model, x)
+    units = cached_units(model, x)
+    by_name = {u.name: u for u in units}
+    for name, s in scores.items():
+        u = by_name.get(name)
+        if u is None:
+            raise ValueError(f"{name!r} is not a unit of this model")
+        if s.shape[-1] != u.channels or s.dim() not in (1, 2) or (s.dim() == 2 and s.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"scores of unit {name!r} have shape {tuple(s.shape)}; expected [{x.shape[0]}, {u.channels}] or "
+                f"[{u.channels}]"
+            )
+    return _run_with_unit_hook(model, units, x, lambda unit, y: _apply_mask(y, scores.get(unit.name)))
