@@ -1,0 +1,575 @@
+// CPU kernel of gencnp_fast::gathered_conv2d (schema in csrc/ops.cpp).
+//
+// For every group g of samples that share (in_idx, out_idx) rows, the op is one GEMM
+//
+//   C_g[Mv x N_g] = A_g[Mv x K] * B_g[K x N_g],   K = (#valid inputs) * kh * kw,
+//
+// where A_g holds the weights of the group's active output rows / input channels (gathered
+// from the plain [C_out, C_in, kh, kw] weight, never materialised as a whole per-sample copy)
+// and the N_g = (#samples in g) * Ho * Wo columns are the im2col of the compact input of every
+// sample of the group (a column block may span several samples: this keeps 2x2 / 1x1 maps and
+// Linear layers (1 pixel) dense in the micro-kernel).
+//
+// Blocking (Goto style, no K blocking):
+//   * work item = (group, range of column blocks, range of 16-row tiles), scheduled
+//     dynamically over at::parallel_for's threads;
+//   * per column block (NC columns, ~128 KB): im2col straight into NR=6 wide panels
+//     [K][6] in a thread-local buffer (no fresh allocation on the hot path);
+//   * per 16-row tile: weights gathered into a [K][16] panel (the "packing" step of the GEMM
+//     doubles as the gather); packed once per item and reused over all columns of the item,
+//     i.e. over every pixel of every sample of the group;
+//   * 16x6 register-blocked FMA micro-kernel (AVX2+FMA intrinsics, portable vector fallback);
+//   * fused epilogue: bias + residual + ReLU, rows with out_idx == -1 are written as zeros.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GENCNP_AVX2 1
+#endif
+
+namespace gencnp_fast {
+
+const char* cpu_kernel_isa() {
+#if defined(GENCNP_AVX2)
+  return "avx2+fma";
+#else
+  return "generic-vector";
+#endif
+}
+
+namespace {
+
+constexpr int MR = 16;  // output channels per micro-tile (2 AVX vectors)
+constexpr int NR = 6;   // output columns (pixels) per micro-tile (broadcast)
+constexpr int64_t kBBlockBytes = 128 * 1024;          // target size of a packed column block
+constexpr int64_t kACacheFloats = 4 * 1024 * 1024;    // max packed weight tiles kept per item
+
+// Thread-local, 64-byte aligned scratch that only grows (no allocation on the hot path).
+struct ScratchBuffer {
+  float* ptr = nullptr;
+  size_t cap = 0;
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(ptr);
+      size_t bytes = ((std::max<size_t>(n, 16) * sizeof(float)) + 63) / 64 * 64;
+      ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(ptr != nullptr, "gathered_conv2d: out of memory for scratch buffer");
+      cap = bytes / sizeof(float);
+    }
+    return ptr;
+  }
+  ~ScratchBuffer() { std::free(ptr); }
+};
+
+thread_local ScratchBuffer tl_a_buf;
+thread_local ScratchBuffer tl_b_buf;
+
+// ---------------------------------------------------------------------------------------
+// Micro-kernel: Ct[n][r] = sum_k A[k][r] * B[k][n], r < 16, n < N (<= 6).
+// A: [K][16] packed (64-byte aligned), B: [K][6] packed.
+template <int N>
+inline void micro_kernel(int64_t K, const float* __restrict A, const float* __restrict B,
+                         float* __restrict Ct) {
+#if defined(GENCNP_AVX2)
+  __m256 c0[N], c1[N];
+#pragma GCC unroll 6
+  for (int n = 0; n < N; ++n) {
+    c0[n] = _mm256_setzero_ps();
+    c1[n] = _mm256_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 a0 = _mm256_load_ps(A + k * MR);
+    const __m256 a1 = _mm256_load_ps(A + k * MR + 8);
+#pragma GCC unroll 6
+    for (int n = 0; n < N; ++n) {
+      const __m256 b = _mm256_broadcast_ss(B + k * NR + n);
+      c0[n] = _mm256_fmadd_ps(a0, b, c0[n]);
+      c1[n] = _mm256_fmadd_ps(a1, b, c1[n]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int n = 0; n < N; ++n) {
+    _mm256_storeu_ps(Ct + n * MR, c0[n]);
+    _mm256_storeu_ps(Ct + n * MR + 8, c1[n]);
+  }
+#else
+  typedef float v8 __attribute__((vector_size(32), aligned(32)));
+  typedef float v8u __attribute__((vector_size(32), aligned(4)));
+  v8 c0[N], c1[N];
+  for (int n = 0; n < N; ++n) {
+    c0[n] = v8{};
+    c1[n] = v8{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const v8 a0 = *reinterpret_cast<const v8*>(A + k * MR);
+    const v8 a1 = *reinterpret_cast<const v8*>(A + k * MR + 8);
+    for (int n = 0; n < N; ++n) {
+      const float bs = B[k * NR + n];
+      const v8 b = {bs, bs, bs, bs, bs, bs, bs, bs};
+      c0[n] += a0 * b;
+      c1[n] += a1 * b;
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    *reinterpret_cast<v8u*>(Ct + n * MR) = c0[n];
+    *reinterpret_cast<v8u*>(Ct + n * MR + 8) = c1[n];
+  }
+#endif
+}
+
+inline void run_micro_kernel(int nr, int64_t K, const float* A, const float* B, float* Ct) {
+  switch (nr) {
+    case 6: micro_kernel<6>(K, A, B, Ct); break;
+    case 5: micro_kernel<5>(K, A, B, Ct); break;
+    case 4: micro_kernel<4>(K, A, B, Ct); break;
+    case 3: micro_kernel<3>(K, A, B, Ct); break;
+    case 2: micro_kernel<2>(K, A, B, Ct); break;
+    default: micro_kernel<1>(K, A, B, Ct); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+struct ConvGeom {
+  int64_t Kin, H, W, HW, Ho, Wo, P, kh, kw, khw, sh, sw, ph, pw, dh, dw;
+  int64_t Cin, Kout;
+  bool pointwise;  // 1x1, stride 1, padding 0: a column is x[b, :, p] directly
+};
+
+struct GroupInfo {
+  int64_t start = 0;   // first entry in `samples` (sorted by group id)
+  int64_t count = 0;   // number of samples
+  int64_t in_off = 0;  // offset into in_pos / in_ch
+  int64_t kv = 0;      // number of valid input entries
+  int64_t out_off = 0; // offset into out_pos / out_ch
+  int64_t mv = 0;      // number of valid output entries
+  int64_t nc = 0;      // columns per block
+};
+
+struct WorkItem {
+  int64_t g;
+  int64_t c0, c1;  // column range (multiple of nc except c1 == N_g)
+  int64_t m0, m1;  // 16-row tile range
+};
+
+struct Problem {
+  ConvGeom geo;
+  const float* x;
+  const float* w;
+  const float* bias;      // may be null
+  const float* residual;  // may be null
+  float* out;
+  bool relu;
+  std::vector<int64_t> samples;  // sample ids ordered by group
+  std::vector<GroupInfo> groups;
+  std::vector<int64_t> in_pos, in_ch, out_pos, out_ch;
+};
+
+// Gather weights of tile `mt` of group g into dst [K][16] (rows past mv are zero).
+template <int KHW>
+void pack_weight_tile_impl(const Problem& pb, const GroupInfo& gi, int64_t mt, float* __restrict dst,
+                           int64_t khw_rt) {
+  const int64_t khw = KHW > 0 ? KHW : khw_rt;
+  const int64_t row_stride = pb.geo.Cin * khw;
+  const float* rows[MR];
+  const int64_t r0 = mt * MR;
+  for (int r = 0; r < MR; ++r) {
+    rows[r] = (r0 + r < gi.mv) ? pb.w + pb.out_ch[gi.out_off + r0 + r] * row_stride : nullptr;
+  }
+  const int64_t* ich = pb.in_ch.data() + gi.in_off;
+  for (int64_t jv = 0; jv < gi.kv; ++jv) {
+    const int64_t off = ich[jv] * khw;
+    float* d = dst + jv * khw * MR;
+    for (int r = 0; r < MR; ++r) {
+      if (rows[r]) {
+        const float* s = rows[r] + off;
+        for (int64_t t = 0; t < khw; ++t) d[t * MR + r] = s[t];
+      } else {
+        for (int64_t t = 0; t < khw; ++t) d[t * MR + r] = 0.f;
+      }
+    }
+  }
+}
+
+void pack_weight_tile(const Problem& pb, const GroupInfo& gi, int64_t mt, float* dst) {
+  switch (pb.geo.khw) {
+    case 1: pack_weight_tile_impl<1>(pb, gi, mt, dst, 1); break;
+    case 9: pack_weight_tile_impl<9>(pb, gi, mt, dst, 9); break;
+    default: pack_weight_tile_impl<0>(pb, gi, mt, dst, pb.geo.khw); break;
+  }
+}
+
+// im2col of columns [cb, ce) of group g into panels [npanel][K][6].
+void pack_columns(const Problem& pb, const GroupInfo& gi, int64_t cb, int64_t ce, float* __restrict dst) {
+  const ConvGeom& G = pb.geo;
+  const int64_t K = gi.kv * G.khw;
+  const int64_t* ipos = pb.in_pos.data() + gi.in_off;
+  const int64_t xs = G.Kin * G.HW;
+  for (int64_t c = cb, q = 0; c < ce; c += NR, ++q) {
+    float* d = dst + q * K * NR;
+    const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
+    const float* xb[NR];
+    int64_t pix[NR], iy0[NR], ix0[NR];
+    for (int n = 0; n < NR; ++n) {
+      const int64_t cc = c + std::min(n, nr - 1);
+      const int64_t s = cc / G.P;
+      const int64_t p = cc - s * G.P;
+      xb[n] = pb.x + pb.samples[gi.start + s] * xs;
+      pix[n] = p;
+      const int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
+      iy0[n] = oy * G.sh - G.ph;
+      ix0[n] = ox * G.sw - G.pw;
+    }
+    bool same_sample = true;
+    for (int n = 1; n < nr; ++n) same_sample &= (xb[n] == xb[0]);
+    if (G.pointwise) {
+      if (same_sample && nr == NR) {
+        const float* base = xb[0] + pix[0];
+        for (int64_t jv = 0; jv < gi.kv; ++jv) {
+          const float* s = base + ipos[jv] * G.HW;
+          float* dd = d + jv * NR;
+          for (int n = 0; n < NR; ++n) dd[n] = s[n];
+        }
+      } else {
+        for (int64_t jv = 0; jv < gi.kv; ++jv) {
+          const int64_t off = ipos[jv] * G.HW;
+          float* dd = d + jv * NR;
+          for (int n = 0; n < NR; ++n) dd[n] = n < nr ? xb[n][off + pix[n]] : 0.f;
+        }
+      }
+      continue;
+    }
+    bool same_row = same_sample && nr == NR && G.sw == 1 && iy0[NR - 1] == iy0[0];
+    if (same_row) {
+      // 6 consecutive output pixels of one row: inputs are contiguous for each tap.
+      for (int64_t jv = 0; jv < gi.kv; ++jv) {
+        const float* ch = xb[0] + ipos[jv] * G.HW;
+        for (int64_t ky = 0; ky < G.kh; ++ky) {
+          float* dd = d + ((jv * G.kh + ky) * G.kw) * NR;
+          const int64_t iy = iy0[0] + ky * G.dh;
+          if (iy < 0 || iy >= G.H) {
+            std::memset(dd, 0, sizeof(float) * NR * G.kw);
+            continue;
+          }
+          const float* row = ch + iy * G.W;
+          for (int64_t kx = 0; kx < G.kw; ++kx, dd += NR) {
+            const int64_t ix = ix0[0] + kx * G.dw;
+            if (ix >= 0 && ix + NR <= G.W) {
+              for (int n = 0; n < NR; ++n) dd[n] = row[ix + n];
+            } else {
+              for (int n = 0; n < NR; ++n) {
+                const int64_t xx = ix + n;
+                dd[n] = (xx >= 0 && xx < G.W) ? row[xx] : 0.f;
+              }
+            }
+          }
+        }
+      }
+      continue;
+    }
+    // Generic path: every column on its own (panel spans rows or samples, or stride > 1).
+    for (int64_t jv = 0; jv < gi.kv; ++jv) {
+      const int64_t coff = ipos[jv] * G.HW;
+      for (int64_t ky = 0; ky < G.kh; ++ky) {
+        for (int64_t kx = 0; kx < G.kw; ++kx) {
+          float* dd = d + ((jv * G.kh + ky) * G.kw + kx) * NR;
+          for (int n = 0; n < NR; ++n) {
+            const int64_t iy = iy0[n] + ky * G.dh, ix = ix0[n] + kx * G.dw;
+            dd[n] = (n < nr && iy >= 0 && iy < G.H && ix >= 0 && ix < G.W)
+                        ? xb[n][coff + iy * G.W + ix]
+                        : 0.f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// bias + residual + ReLU, scatter the 16 x nr tile into out.
+inline void epilogue(const Problem& pb, const GroupInfo& gi, int64_t mt, int64_t c, int nr,
+                     const float* Ct) {
+  const ConvGeom& G = pb.geo;
+  const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
+  int64_t base[NR];
+  for (int n = 0; n < nr; ++n) {
+    const int64_t cc = c + n;
+    const int64_t s = cc / G.P;
+    const int64_t p = cc - s * G.P;
+    base[n] = pb.samples[gi.start + s] * G.Kout * G.P + p;
+  }
+  const int64_t* opos = pb.out_pos.data() + gi.out_off + mt * MR;
+  const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t roff = opos[r] * G.P;
+    const float bv = pb.bias ? pb.bias[och[r]] : 0.f;
+    for (int n = 0; n < nr; ++n) {
+      const int64_t idx = base[n] + roff;
+      float v = Ct[n * MR + r] + bv;
+      if (pb.residual) v += pb.residual[idx];
+      if (pb.relu) v = v > 0.f ? v : 0.f;
+      pb.out[idx] = v;
+    }
+  }
+}
+
+void run_item(const Problem& pb, const WorkItem& it) {
+  const GroupInfo& gi = pb.groups[it.g];
+  const int64_t K = gi.kv * pb.geo.khw;
+  const int64_t tile_floats = K * MR;
+  const int64_t ntiles = it.m1 - it.m0;
+  const int64_t nblocks = (it.c1 - it.c0 + gi.nc - 1) / gi.nc;
+  const bool cache_a = nblocks > 1 && ntiles * tile_floats <= kACacheFloats;
+  float* abuf = tl_a_buf.get(static_cast<size_t>(cache_a ? ntiles * tile_floats : tile_floats));
+  if (cache_a) {
+    for (int64_t mt = it.m0; mt < it.m1; ++mt)
+      pack_weight_tile(pb, gi, mt, abuf + (mt - it.m0) * tile_floats);
+  }
+  alignas(64) float Ct[MR * NR];
+  for (int64_t cb = it.c0; cb < it.c1; cb += gi.nc) {
+    const int64_t ce = std::min(cb + gi.nc, it.c1);
+    const int64_t npanel = (ce - cb + NR - 1) / NR;
+    float* bbuf = tl_b_buf.get(static_cast<size_t>(npanel * K * NR));
+    pack_columns(pb, gi, cb, ce, bbuf);
+    for (int64_t mt = it.m0; mt < it.m1; ++mt) {
+      const float* A;
+      if (cache_a) {
+        A = abuf + (mt - it.m0) * tile_floats;
+      } else {
+        pack_weight_tile(pb, gi, mt, abuf);
+        A = abuf;
+      }
+      for (int64_t q = 0; q < npanel; ++q) {
+        const int64_t c = cb + q * NR;
+        const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
+        run_micro_kernel(nr, K, A, bbuf + q * K * NR, Ct);
+        epilogue(pb, gi, mt, c, nr, Ct);
+      }
+    }
+  }
+}
+
+std::vector<int64_t> expand_param(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, "gathered_conv2d: ", name,
+              " must have 1 or 2 elements, got ", v.size());
+  return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
+}
+
+}  // namespace
+
+at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_in,
+                               const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+                               const at::Tensor& out_idx_in, const at::Tensor& groups_in,
+                               const c10::optional<at::Tensor>& residual_in, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  // ---- checks -------------------------------------------------------------------------
+  auto check_cpu = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), "gathered_conv2d: ", name, " must be a CPU tensor, got ",
+                t.device());
+  };
+  check_cpu(x_in, "x");
+  check_cpu(in_idx_in, "in_idx");
+  check_cpu(weight_in, "weight");
+  check_cpu(out_idx_in, "out_idx");
+  check_cpu(groups_in, "groups");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gathered_conv2d: x must be float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(weight_in.scalar_type() == at::kFloat, "gathered_conv2d: weight must be float32, got ",
+              weight_in.scalar_type());
+  TORCH_CHECK(in_idx_in.scalar_type() == at::kInt, "gathered_conv2d: in_idx must be int32, got ",
+              in_idx_in.scalar_type());
+  TORCH_CHECK(out_idx_in.scalar_type() == at::kInt, "gathered_conv2d: out_idx must be int32, got ",
+              out_idx_in.scalar_type());
+  TORCH_CHECK(groups_in.scalar_type() == at::kInt, "gathered_conv2d: groups must be int32, got ",
+              groups_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 4, "gathered_conv2d: x must be [B, Kin, H, W], got shape ", x_in.sizes());
+  TORCH_CHECK(weight_in.dim() == 4, "gathered_conv2d: weight must be [C_out, C_in, kh, kw], got shape ",
+              weight_in.sizes());
+  const int64_t B = x_in.size(0), Kin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t Cout = weight_in.size(0), Cin = weight_in.size(1), kh = weight_in.size(2),
+                kw = weight_in.size(3);
+  TORCH_CHECK(in_idx_in.dim() == 2 && in_idx_in.size(0) == B && in_idx_in.size(1) == Kin,
+              "gathered_conv2d: in_idx must be [B, Kin] = [", B, ", ", Kin, "], got ", in_idx_in.sizes());
+  TORCH_CHECK(out_idx_in.dim() == 2 && out_idx_in.size(0) == B,
+              "gathered_conv2d: out_idx must be [B, Kout] with B = ", B, ", got ", out_idx_in.sizes());
+  const int64_t Kout = out_idx_in.size(1);
+  TORCH_CHECK(groups_in.dim() == 1 && groups_in.size(0) == B, "gathered_conv2d: groups must be [B] = [",
+              B, "], got ", groups_in.sizes());
+  const auto st = expand_param(stride, "stride");
+  const auto pd = expand_param(padding, "padding");
+  const auto dl = expand_param(dilation, "dilation");
+  TORCH_CHECK(st[0] >= 1 && st[1] >= 1, "gathered_conv2d: stride must be >= 1, got ", stride);
+  TORCH_CHECK(pd[0] >= 0 && pd[1] >= 0, "gathered_conv2d: padding must be >= 0, got ", padding);
+  TORCH_CHECK(dl[0] >= 1 && dl[1] >= 1, "gathered_conv2d: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(kh >= 1 && kw >= 1, "gathered_conv2d: empty kernel ", weight_in.sizes());
+  const int64_t Ho = (H + 2 * pd[0] - dl[0] * (kh - 1) - 1) / st[0] + 1;
+  const int64_t Wo = (W + 2 * pd[1] - dl[1] * (kw - 1) - 1) / st[1] + 1;
+  TORCH_CHECK(H + 2 * pd[0] - dl[0] * (kh - 1) - 1 >= 0 && W + 2 * pd[1] - dl[1] * (kw - 1) - 1 >= 0,
+              "gathered_conv2d: input ", H, "x", W, " is smaller than the (dilated) kernel ", kh, "x", kw,
+              " with padding ", padding);
+  at::Tensor bias, residual;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_cpu(*bias_in, "bias");
+    TORCH_CHECK(bias_in->scalar_type() == at::kFloat, "gathered_conv2d: bias must be float32, got ",
+                bias_in->scalar_type());
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, "gathered_conv2d: bias must be [C_out] = [",
+                Cout, "], got ", bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+  if (residual_in.has_value() && residual_in->defined()) {
+    check_cpu(*residual_in, "residual");
+    TORCH_CHECK(residual_in->scalar_type() == at::kFloat, "gathered_conv2d: residual must be float32, got ",
+                residual_in->scalar_type());
+    TORCH_CHECK(residual_in->dim() == 4 && residual_in->size(0) == B && residual_in->size(1) == Kout &&
+                    residual_in->size(2) == Ho && residual_in->size(3) == Wo,
+                "gathered_conv2d: residual must be [B, Kout, Ho, Wo] = [", B, ", ", Kout, ", ", Ho, ", ", Wo,
+                "], got ", residual_in->sizes());
+    residual = residual_in->contiguous();
+  }
+
+  auto out = at::empty({B, Kout, Ho, Wo}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || Kout == 0 || Ho * Wo == 0) return out;
+
+  const auto x = x_in.contiguous();
+  const auto w = weight_in.contiguous();
+  const auto in_idx = in_idx_in.contiguous();
+  const auto out_idx = out_idx_in.contiguous();
+  const auto groups_t = groups_in.contiguous();
+  const int32_t* ii = in_idx.data_ptr<int32_t>();
+  const int32_t* oi = out_idx.data_ptr<int32_t>();
+  const int32_t* gr = groups_t.data_ptr<int32_t>();
+
+  for (int64_t n = 0; n < B * Kin; ++n) {
+    TORCH_CHECK(ii[n] >= -1 && ii[n] < Cin, "gathered_conv2d: in_idx[", n / std::max<int64_t>(Kin, 1), ", ",
+                n % std::max<int64_t>(Kin, 1), "] = ", ii[n], " is out of range [-1, ", Cin, ")");
+  }
+  for (int64_t n = 0; n < B * Kout; ++n) {
+    TORCH_CHECK(oi[n] >= -1 && oi[n] < Cout, "gathered_conv2d: out_idx[", n / Kout, ", ", n % Kout, "] = ", oi[n],
+                " is out of range [-1, ", Cout, ")");
+  }
+
+  // ---- problem description ---------------------------------------------------------------
+  Problem pb;
+  ConvGeom& G = pb.geo;
+  G.Kin = Kin; G.H = H; G.W = W; G.HW = H * W; G.Ho = Ho; G.Wo = Wo; G.P = Ho * Wo;
+  G.kh = kh; G.kw = kw; G.khw = kh * kw; G.sh = st[0]; G.sw = st[1]; G.ph = pd[0]; G.pw = pd[1];
+  G.dh = dl[0]; G.dw = dl[1]; G.Cin = Cin; G.Kout = Kout;
+  G.pointwise = kh == 1 && kw == 1 && st[0] == 1 && st[1] == 1 && pd[0] == 0 && pd[1] == 0;
+  pb.x = x.data_ptr<float>();
+  pb.w = w.data_ptr<float>();
+  pb.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  pb.residual = residual.defined() ? residual.data_ptr<float>() : nullptr;
+  pb.out = out.data_ptr<float>();
+  pb.relu = relu;
+
+  // Samples ordered by group id (stable), then one GroupInfo per distinct id.
+  pb.samples.resize(B);
+  std::iota(pb.samples.begin(), pb.samples.end(), int64_t{0});
+  std::stable_sort(pb.samples.begin(), pb.samples.end(),
+                   [gr](int64_t a, int64_t b) { return gr[a] < gr[b]; });
+  for (int64_t s = 0; s < B; ++s) {
+    const int64_t b = pb.samples[s];
+    if (s > 0 && gr[b] == gr[pb.samples[s - 1]]) {
+      GroupInfo& gi = pb.groups.back();
+      const int64_t rep = pb.samples[gi.start];
+      TORCH_CHECK(std::memcmp(ii + b * Kin, ii + rep * Kin, sizeof(int32_t) * Kin) == 0 &&
+                      std::memcmp(oi + b * Kout, oi + rep * Kout, sizeof(int32_t) * Kout) == 0,
+                  "gathered_conv2d: samples ", rep, " and ", b, " have the same groups value ", gr[b],
+                  " but different in_idx/out_idx rows");
+      gi.count++;
+      continue;
+    }
+    GroupInfo gi;
+    gi.start = s;
+    gi.count = 1;
+    gi.in_off = static_cast<int64_t>(pb.in_pos.size());
+    for (int64_t j = 0; j < Kin; ++j) {
+      if (ii[b * Kin + j] >= 0) {
+        pb.in_pos.push_back(j);
+        pb.in_ch.push_back(ii[b * Kin + j]);
+      }
+    }
+    gi.kv = static_cast<int64_t>(pb.in_pos.size()) - gi.in_off;
+    gi.out_off = static_cast<int64_t>(pb.out_pos.size());
+    for (int64_t j = 0; j < Kout; ++j) {
+      if (oi[b * Kout + j] >= 0) {
+        pb.out_pos.push_back(j);
+        pb.out_ch.push_back(oi[b * Kout + j]);
+      }
+    }
+    gi.mv = static_cast<int64_t>(pb.out_pos.size()) - gi.out_off;
+    pb.groups.push_back(gi);
+  }
+
+  // Rows with out_idx == -1 are exact zeros.
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < Kout; ++j) {
+      if (oi[b * Kout + j] < 0) std::memset(pb.out + (b * Kout + j) * G.P, 0, sizeof(float) * G.P);
+    }
+  }
+
+  // ---- work items ------------------------------------------------------------------------
+  const int nthreads = std::max(1, at::get_num_threads());
+  double total_cost = 0;
+  for (auto& gi : pb.groups) {
+    const int64_t K = gi.kv * G.khw;
+    const int64_t N = gi.count * G.P;
+    int64_t panels = std::max<int64_t>(2, kBBlockBytes / (std::max<int64_t>(K, 1) * NR * 4));
+    int64_t nc = panels * NR;
+    if (N <= nc + nc / 2) nc = (N + NR - 1) / NR * NR;  // one block
+    gi.nc = std::max<int64_t>(nc, NR);
+    if (gi.mv > 0) total_cost += static_cast<double>(N) * gi.mv * (K + 8);
+  }
+  const int64_t target_items = nthreads > 1 ? 4 * nthreads : 1;
+  std::vector<WorkItem> items;
+  for (int64_t g = 0; g < static_cast<int64_t>(pb.groups.size()); ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    if (gi.mv == 0) continue;
+    const int64_t K = gi.kv * G.khw;
+    const int64_t N = gi.count * G.P;
+    const int64_t nb = (N + gi.nc - 1) / gi.nc;
+    const int64_t mtiles = (gi.mv + MR - 1) / MR;
+    const double cost = static_cast<double>(N) * gi.mv * (K + 8);
+    int64_t want = std::max<int64_t>(1, static_cast<int64_t>(cost / total_cost * target_items + 0.5));
+    const int64_t ncs = std::min(nb, want);
+    const int64_t ms = std::min(mtiles, (want + ncs - 1) / ncs);
+    for (int64_t a = 0; a < ncs; ++a) {
+      const int64_t b0 = nb * a / ncs, b1 = nb * (a + 1) / ncs;
+      for (int64_t m = 0; m < ms; ++m) {
+        WorkItem it;
+        it.g = g;
+        it.c0 = b0 * gi.nc;
+        it.c1 = std::min(b1 * gi.nc, N);
+        it.m0 = mtiles * m / ms;
+        it.m1 = mtiles * (m + 1) / ms;
+        if (it.c1 > it.c0 && it.m1 > it.m0) items.push_back(it);
+      }
+    }
+  }
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  if (nitems == 0) return out;
+  if (nthreads == 1 || nitems == 1) {
+    for (const auto& it : items) run_item(pb, it);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(nthreads, nitems), 1, [&](int64_t, int64_t) {
+      for (int64_t i = next.fetch_add(1); i < nitems; i = next.fetch_add(1)) run_item(pb, items[i]);
+    });
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(gencnp_fast, CPU, m) {
+  m.impl("gathered_conv2d", &gathered_conv2d_cpu);
+}
+
+}  // namespace gencnp_fast

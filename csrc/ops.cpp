@@ -1,0 +1,21 @@
+// Operator schemas of gencnp_fast (one place for every backend).
+//
+// Backends register their kernels with TORCH_LIBRARY_IMPL(gencnp_fast, <Key>, m):
+//   csrc/cpu/gathered_conv2d_cpu.cpp   (CPU)
+//   csrc/cuda/*.cu                     (CUDA, built only when available)
+// The fake (meta) kernels live in gencnp_fast/ops.py (torch.library.register_fake).
+#include <torch/library.h>
+
+TORCH_LIBRARY(gencnp_fast, m) {
+  // Gathered ("compacted") 2-D convolution, groups=1, NCHW float32.
+  //   out[b, j] = act(bias[o] + sum_{j' valid} conv(x[b, j'], weight[o, in_idx[b, j']]) + residual[b, j])
+  //   with o = out_idx[b, j]; out[b, j] = 0 where out_idx[b, j] == -1.
+  // x: [B, Kin, H, W]; in_idx: int32 [B, Kin]; weight: [C_out, C_in, kh, kw] (plain layout,
+  // BN folded, no pre-packing); bias: [C_out] or None; out_idx: int32 [B, Kout];
+  // groups: int32 [B] (equal value => identical in_idx/out_idx rows);
+  // residual: [B, Kout, Ho, Wo] aligned with out_idx, or None.
+  m.def(
+      "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
+      "Tensor groups, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool relu) -> Tensor");
+}
