@@ -36,19 +36,18 @@ def register_conv_backend(name: str, available: Callable[[], bool], loader: Call
     _CONV_BACKENDS[name] = (available, loader, devices)
 
 
-def _cpu_available() -> bool:
+def _extension_available() -> bool:
+    """Whether the compiled extension loads (``gencnp_fast.ops`` imports it and registers the ops)."""
     try:
-        from .. import ops
-
-        return ops.extension_loaded()
+        from .. import ops  # noqa: F401
     except ImportError:
         return False
+    return True
 
 
 def _cpu_loader() -> ConvFn:
-    from .. import ops
+    from .. import ops  # noqa: F401  (raises an ImportError that says how to build the extension)
 
-    ops.require_extension()
     return torch.ops.gencnp_fast.gathered_conv2d
 
 
@@ -58,8 +57,8 @@ def _torch_loader() -> ConvFn:
     return gathered_conv2d_reference
 
 
-register_conv_backend("cpu", _cpu_available, _cpu_loader, ("cpu",))
-register_conv_backend("torch", lambda: True, _torch_loader, ("cpu", "cuda"))
+register_conv_backend("cpu", _extension_available, _cpu_loader, ("cpu",))
+register_conv_backend("torch", _extension_available, _torch_loader, ("cpu", "cuda"))
 
 
 def available_backends(device: str = "cpu") -> List[str]:
