@@ -51,7 +51,7 @@ namespace {
 
 constexpr int MR = 16;  // output channels per micro-tile (2 AVX vectors)
 constexpr int NR = 6;   // output columns (pixels) per micro-tile (broadcast)
-constexpr int64_t kBBlockBytes = 128 * 1024;          // target size of a packed column block
+constexpr int64_t kBBlockBytes = 192 * 1024;          // target size of the B source of a column block
 constexpr int64_t kACacheFloats = 4 * 1024 * 1024;    // max packed weight tiles kept per item
 
 // Thread-local, 64-byte aligned scratch that only grows (no allocation on the hot path).
@@ -71,15 +71,29 @@ struct ScratchBuffer {
   ~ScratchBuffer() { std::free(ptr); }
 };
 
+struct IndexBuffer {
+  std::vector<int64_t> v;
+  int64_t* get(size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
 thread_local ScratchBuffer tl_a_buf;
+thread_local IndexBuffer tl_koff;
 thread_local ScratchBuffer tl_b_buf;
 
 // ---------------------------------------------------------------------------------------
 // Micro-kernel: Ct[n][r] = sum_k A[k][r] * B[k][n], r < 16, n < N (<= 6).
-// A: [K][16] packed (64-byte aligned), B: [K][6] packed.
+// A: [K][16] packed weights (64-byte aligned). B is never packed: column n of the im2col is
+// read in place as bp[n][koff[k]] (bp[n] = the column's window origin in the zero-padded
+// compact input, koff[k] = channel/tap offset), so there is no im2col buffer at all.
 template <int N>
-inline void micro_kernel(int64_t K, const float* __restrict A, const float* __restrict B,
-                         float* __restrict Ct) {
+inline void micro_kernel(int64_t K, const float* __restrict A, const float* const* bp,
+                         const int64_t* __restrict koff, float* __restrict Ct) {
+  const float* p[N];
+#pragma GCC unroll 6
+  for (int n = 0; n < N; ++n) p[n] = bp[n];
 #if defined(GENCNP_AVX2)
   __m256 c0[N], c1[N];
 #pragma GCC unroll 6
@@ -89,11 +103,12 @@ inline void micro_kernel(int64_t K, const float* __restrict A, const float* __re
   }
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
+    const int64_t off = koff[k];
     const __m256 a0 = _mm256_load_ps(A + k * MR);
     const __m256 a1 = _mm256_load_ps(A + k * MR + 8);
 #pragma GCC unroll 6
     for (int n = 0; n < N; ++n) {
-      const __m256 b = _mm256_broadcast_ss(B + k * NR + n);
+      const __m256 b = _mm256_broadcast_ss(p[n] + off);
       c0[n] = _mm256_fmadd_ps(a0, b, c0[n]);
       c1[n] = _mm256_fmadd_ps(a1, b, c1[n]);
     }
@@ -112,10 +127,11 @@ inline void micro_kernel(int64_t K, const float* __restrict A, const float* __re
     c1[n] = v8{};
   }
   for (int64_t k = 0; k < K; ++k) {
+    const int64_t off = koff[k];
     const v8 a0 = *reinterpret_cast<const v8*>(A + k * MR);
     const v8 a1 = *reinterpret_cast<const v8*>(A + k * MR + 8);
     for (int n = 0; n < N; ++n) {
-      const float bs = B[k * NR + n];
+      const float bs = p[n][off];
       const v8 b = {bs, bs, bs, bs, bs, bs, bs, bs};
       c0[n] += a0 * b;
       c1[n] += a1 * b;
@@ -128,14 +144,15 @@ inline void micro_kernel(int64_t K, const float* __restrict A, const float* __re
 #endif
 }
 
-inline void run_micro_kernel(int nr, int64_t K, const float* A, const float* B, float* Ct) {
+inline void run_micro_kernel(int nr, int64_t K, const float* A, const float* const* bp, const int64_t* koff,
+                             float* Ct) {
   switch (nr) {
-    case 6: micro_kernel<6>(K, A, B, Ct); break;
-    case 5: micro_kernel<5>(K, A, B, Ct); break;
-    case 4: micro_kernel<4>(K, A, B, Ct); break;
-    case 3: micro_kernel<3>(K, A, B, Ct); break;
-    case 2: micro_kernel<2>(K, A, B, Ct); break;
-    default: micro_kernel<1>(K, A, B, Ct); break;
+    case 6: micro_kernel<6>(K, A, bp, koff, Ct); break;
+    case 5: micro_kernel<5>(K, A, bp, koff, Ct); break;
+    case 4: micro_kernel<4>(K, A, bp, koff, Ct); break;
+    case 3: micro_kernel<3>(K, A, bp, koff, Ct); break;
+    case 2: micro_kernel<2>(K, A, bp, koff, Ct); break;
+    default: micro_kernel<1>(K, A, bp, koff, Ct); break;
   }
 }
 
@@ -143,7 +160,8 @@ inline void run_micro_kernel(int nr, int64_t K, const float* A, const float* B, 
 struct ConvGeom {
   int64_t Kin, H, W, HW, Ho, Wo, P, kh, kw, khw, sh, sw, ph, pw, dh, dw;
   int64_t Cin, Kout;
-  bool pointwise;  // 1x1, stride 1, padding 0: a column is x[b, :, p] directly
+  int64_t Hp, Wp, plane;  // geometry of the B source: padded copy (padding > 0) or x itself
+  bool padded;            // padding > 0: B is read from a zero-padded copy of the valid channels
 };
 
 struct GroupInfo {
@@ -209,88 +227,26 @@ void pack_weight_tile(const Problem& pb, const GroupInfo& gi, int64_t mt, float*
   }
 }
 
-// im2col of columns [cb, ce) of group g into panels [npanel][K][6].
-void pack_columns(const Problem& pb, const GroupInfo& gi, int64_t cb, int64_t ce, float* __restrict dst) {
+// Zero-padded copy of the valid input channels of samples [s0, s1) of group g:
+// dst[s - s0][jv][Hp][Wp]. Only used when padding > 0 (otherwise B is read from x in place).
+void pad_samples(const Problem& pb, const GroupInfo& gi, int64_t s0, int64_t s1, float* __restrict dst) {
   const ConvGeom& G = pb.geo;
-  const int64_t K = gi.kv * G.khw;
   const int64_t* ipos = pb.in_pos.data() + gi.in_off;
-  const int64_t xs = G.Kin * G.HW;
-  for (int64_t c = cb, q = 0; c < ce; c += NR, ++q) {
-    float* d = dst + q * K * NR;
-    const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
-    const float* xb[NR];
-    int64_t pix[NR], iy0[NR], ix0[NR];
-    for (int n = 0; n < NR; ++n) {
-      const int64_t cc = c + std::min(n, nr - 1);
-      const int64_t s = cc / G.P;
-      const int64_t p = cc - s * G.P;
-      xb[n] = pb.x + pb.samples[gi.start + s] * xs;
-      pix[n] = p;
-      const int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
-      iy0[n] = oy * G.sh - G.ph;
-      ix0[n] = ox * G.sw - G.pw;
-    }
-    bool same_sample = true;
-    for (int n = 1; n < nr; ++n) same_sample &= (xb[n] == xb[0]);
-    if (G.pointwise) {
-      if (same_sample && nr == NR) {
-        const float* base = xb[0] + pix[0];
-        for (int64_t jv = 0; jv < gi.kv; ++jv) {
-          const float* s = base + ipos[jv] * G.HW;
-          float* dd = d + jv * NR;
-          for (int n = 0; n < NR; ++n) dd[n] = s[n];
-        }
-      } else {
-        for (int64_t jv = 0; jv < gi.kv; ++jv) {
-          const int64_t off = ipos[jv] * G.HW;
-          float* dd = d + jv * NR;
-          for (int n = 0; n < NR; ++n) dd[n] = n < nr ? xb[n][off + pix[n]] : 0.f;
-        }
-      }
-      continue;
-    }
-    bool same_row = same_sample && nr == NR && G.sw == 1 && iy0[NR - 1] == iy0[0];
-    if (same_row) {
-      // 6 consecutive output pixels of one row: inputs are contiguous for each tap.
-      for (int64_t jv = 0; jv < gi.kv; ++jv) {
-        const float* ch = xb[0] + ipos[jv] * G.HW;
-        for (int64_t ky = 0; ky < G.kh; ++ky) {
-          float* dd = d + ((jv * G.kh + ky) * G.kw) * NR;
-          const int64_t iy = iy0[0] + ky * G.dh;
-          if (iy < 0 || iy >= G.H) {
-            std::memset(dd, 0, sizeof(float) * NR * G.kw);
-            continue;
-          }
-          const float* row = ch + iy * G.W;
-          for (int64_t kx = 0; kx < G.kw; ++kx, dd += NR) {
-            const int64_t ix = ix0[0] + kx * G.dw;
-            if (ix >= 0 && ix + NR <= G.W) {
-              for (int n = 0; n < NR; ++n) dd[n] = row[ix + n];
-            } else {
-              for (int n = 0; n < NR; ++n) {
-                const int64_t xx = ix + n;
-                dd[n] = (xx >= 0 && xx < G.W) ? row[xx] : 0.f;
-              }
-            }
-          }
-        }
-      }
-      continue;
-    }
-    // Generic path: every column on its own (panel spans rows or samples, or stride > 1).
+  const int64_t sstride = gi.kv * G.plane;
+  for (int64_t s = s0; s < s1; ++s) {
+    const float* xb = pb.x + pb.samples[gi.start + s] * G.Kin * G.HW;
+    float* d0 = dst + (s - s0) * sstride;
     for (int64_t jv = 0; jv < gi.kv; ++jv) {
-      const int64_t coff = ipos[jv] * G.HW;
-      for (int64_t ky = 0; ky < G.kh; ++ky) {
-        for (int64_t kx = 0; kx < G.kw; ++kx) {
-          float* dd = d + ((jv * G.kh + ky) * G.kw + kx) * NR;
-          for (int n = 0; n < NR; ++n) {
-            const int64_t iy = iy0[n] + ky * G.dh, ix = ix0[n] + kx * G.dw;
-            dd[n] = (n < nr && iy >= 0 && iy < G.H && ix >= 0 && ix < G.W)
-                        ? xb[n][coff + iy * G.W + ix]
-                        : 0.f;
-          }
-        }
+      const float* src = xb + ipos[jv] * G.HW;
+      float* d = d0 + jv * G.plane;
+      std::memset(d, 0, sizeof(float) * G.ph * G.Wp);
+      d += G.ph * G.Wp;
+      for (int64_t y = 0; y < G.H; ++y, d += G.Wp, src += G.W) {
+        for (int64_t t = 0; t < G.pw; ++t) d[t] = 0.f;
+        std::memcpy(d + G.pw, src, sizeof(float) * G.W);
+        for (int64_t t = G.pw + G.W; t < G.Wp; ++t) d[t] = 0.f;
       }
+      std::memset(d, 0, sizeof(float) * G.ph * G.Wp);
     }
   }
 }
@@ -323,8 +279,9 @@ inline void epilogue(const Problem& pb, const GroupInfo& gi, int64_t mt, int64_t
 }
 
 void run_item(const Problem& pb, const WorkItem& it) {
+  const ConvGeom& G = pb.geo;
   const GroupInfo& gi = pb.groups[it.g];
-  const int64_t K = gi.kv * pb.geo.khw;
+  const int64_t K = gi.kv * G.khw;
   const int64_t tile_floats = K * MR;
   const int64_t ntiles = it.m1 - it.m0;
   const int64_t nblocks = (it.c1 - it.c0 + gi.nc - 1) / gi.nc;
@@ -334,12 +291,29 @@ void run_item(const Problem& pb, const WorkItem& it) {
     for (int64_t mt = it.m0; mt < it.m1; ++mt)
       pack_weight_tile(pb, gi, mt, abuf + (mt - it.m0) * tile_floats);
   }
+  // Offsets of the K im2col rows relative to a column's window origin.
+  int64_t* koff = tl_koff.get(static_cast<size_t>(std::max<int64_t>(K, 1)));
+  const int64_t* ipos = pb.in_pos.data() + gi.in_off;
+  const int64_t rowlen = G.padded ? G.Wp : G.W;
+  for (int64_t jv = 0; jv < gi.kv; ++jv) {
+    const int64_t cbase = (G.padded ? jv * G.plane : ipos[jv] * G.HW);
+    for (int64_t ky = 0; ky < G.kh; ++ky)
+      for (int64_t kx = 0; kx < G.kw; ++kx)
+        koff[(jv * G.kh + ky) * G.kw + kx] = cbase + ky * G.dh * rowlen + kx * G.dw;
+  }
+  const int64_t sstride = G.padded ? gi.kv * G.plane : G.Kin * G.HW;
   alignas(64) float Ct[MR * NR];
+  const float* bp[NR];
   for (int64_t cb = it.c0; cb < it.c1; cb += gi.nc) {
     const int64_t ce = std::min(cb + gi.nc, it.c1);
     const int64_t npanel = (ce - cb + NR - 1) / NR;
-    float* bbuf = tl_b_buf.get(static_cast<size_t>(npanel * K * NR));
-    pack_columns(pb, gi, cb, ce, bbuf);
+    const int64_t s0 = cb / G.P, s1 = (ce - 1) / G.P + 1;
+    const float* src = nullptr;
+    if (G.padded) {
+      float* pbuf = tl_b_buf.get(static_cast<size_t>((s1 - s0) * sstride + 16));
+      pad_samples(pb, gi, s0, s1, pbuf);
+      src = pbuf;
+    }
     for (int64_t mt = it.m0; mt < it.m1; ++mt) {
       const float* A;
       if (cache_a) {
@@ -351,7 +325,15 @@ void run_item(const Problem& pb, const WorkItem& it) {
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
-        run_micro_kernel(nr, K, A, bbuf + q * K * NR, Ct);
+        for (int n = 0; n < NR; ++n) {
+          const int64_t cc = c + std::min(n, nr - 1);
+          const int64_t s = cc / G.P;
+          const int64_t p = cc - s * G.P;
+          const int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
+          const float* sb = G.padded ? src + (s - s0) * sstride : pb.x + pb.samples[gi.start + s] * sstride;
+          bp[n] = sb + oy * G.sh * rowlen + ox * G.sw;
+        }
+        run_micro_kernel(nr, K, A, bp, koff, Ct);
         epilogue(pb, gi, mt, c, nr, Ct);
       }
     }
@@ -463,7 +445,10 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
   G.Kin = Kin; G.H = H; G.W = W; G.HW = H * W; G.Ho = Ho; G.Wo = Wo; G.P = Ho * Wo;
   G.kh = kh; G.kw = kw; G.khw = kh * kw; G.sh = st[0]; G.sw = st[1]; G.ph = pd[0]; G.pw = pd[1];
   G.dh = dl[0]; G.dw = dl[1]; G.Cin = Cin; G.Kout = Kout;
-  G.pointwise = kh == 1 && kw == 1 && st[0] == 1 && st[1] == 1 && pd[0] == 0 && pd[1] == 0;
+  G.padded = pd[0] > 0 || pd[1] > 0;
+  G.Hp = H + 2 * pd[0];
+  G.Wp = W + 2 * pd[1];
+  G.plane = G.padded ? G.Hp * G.Wp : G.HW;
   pb.x = x.data_ptr<float>();
   pb.w = w.data_ptr<float>();
   pb.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -523,8 +508,10 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
   for (auto& gi : pb.groups) {
     const int64_t K = gi.kv * G.khw;
     const int64_t N = gi.count * G.P;
-    int64_t panels = std::max<int64_t>(2, kBBlockBytes / (std::max<int64_t>(K, 1) * NR * 4));
-    int64_t nc = panels * NR;
+    // Columns per block: the B source (padded copy or x) of a block should stay in L2 while
+    // every weight tile of the item streams over it.
+    const double bytes_per_col = std::max(4.0, 4.0 * gi.kv * G.plane / static_cast<double>(G.P));
+    int64_t nc = std::max<int64_t>(NR, static_cast<int64_t>(kBBlockBytes / bytes_per_col) / NR * NR);
     if (N <= nc + nc / 2) nc = (N + NR - 1) / NR * NR;  // one block
     gi.nc = std::max<int64_t>(nc, NR);
     if (gi.mv > 0) total_cost += static_cast<double>(N) * gi.mv * (K + 8);
