@@ -1,0 +1,297 @@
+"""Triton kernels of the gathered ("compacted") convolution: one launch for a whole batch of per-sample masks.
+
+The op (the conv-backend contract of :mod:`gencnp_fast.plan.engine`, same as ``gencnp_fast::gathered_conv2d``)::
+
+    out[b, j] = act(bias[o] + sum_{j' < n_in(b)} conv(x[b, j'], weight[o, in_idx[b, j']]) + residual[b, j])
+    o = out_idx[b, j];  out[b, j] = 0 exactly where out_idx[b, j] == -1
+
+How the kernel maps it to an implicit GEMM
+------------------------------------------
+The batch is split into *problems*: one per group of samples sharing a mask (``groups``; per-sample masks give
+one problem per sample). Problem ``g`` with ``cnt_g`` samples, ``n_in`` active inputs and ``n_out`` active
+outputs is the GEMM
+
+    C[M, N] = A[M, K] @ W[K, N],   M = cnt_g * Ho * Wo,  N = n_out,  K = n_in * kh * kw
+
+- rows ``m`` of ``A`` are the output pixels of every sample of the group (so one weight tile is reused by all of
+  them), columns ``k = j * kh*kw + r * kw + s`` walk the group's list of active input channels: ``A[m, k]`` is
+  ``x[b, j, oh*sh - ph + r*dh, ow*sw - pw + s*dw]`` (the im2col gather is fused into the load, out-of-image
+  taps are masked to 0). The compact input already holds only active channels, so ``j`` is a position in
+  ``x``; the weight row is ``in_idx[b, j]``.
+- columns ``n`` of ``W`` are active output channels: ``W[k, n] = weight[out_idx[b, n], in_idx[b, j], r, s]``,
+  gathered from the plain ``[C_out, C_in, kh, kw]`` layout in place (no per-sample weight copies; contiguous
+  along ``k`` whenever active input channels are consecutive).
+- the epilogue adds ``bias[out_idx]`` and the residual, applies ReLU, casts, and stores to the compact output
+  position ``out[b, n, oh, ow]`` (the scatter is fused into the store). Columns ``n >= n_out`` (the ``-1``
+  padding) are stored as exact zeros, so the output needs no memset.
+
+One launch covers every problem: grid = (M tiles of the largest problem, N tiles of ``Kout``, problems);
+programs outside their problem's ragged ``M``/``N`` return at once, boundary tiles use masks. Accumulation is
+float32 for float32/float16/bfloat16 inputs (float32 dots use IEEE precision, not TF32, so the float32 result
+matches the dense model to ~1e-6). Tile sizes are autotuned on the GPU; under ``TRITON_INTERPRET=1`` (CPU,
+for tests) a single small configuration is used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+import triton
+import triton.language as tl
+
+__all__ = ["gathered_conv2d_triton", "INTERPRET"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    # The interpreter runs every program in numpy on the CPU (~3000x slower): one small tile, no tuning.
+    _CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for (bm, bn, bk, w, s) in [
+            (128, 128, 32, 8, 3),
+            (128, 64, 32, 4, 3),
+            (64, 128, 32, 4, 3),
+            (64, 64, 32, 4, 4),
+            (64, 64, 64, 4, 3),
+            (32, 64, 32, 4, 4),
+            (64, 32, 32, 4, 4),
+            (32, 32, 32, 2, 4),
+            (16, 64, 64, 4, 3),  # small M: late layers at 2x2..4x4, linear layers
+            (16, 32, 64, 2, 3),
+        ]
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["KOUT", "KIN", "HOWO", "KH", "KW", "MAX_CNT", "DTYPE_KEY"])
+@triton.jit
+def _gathered_conv2d_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    in_idx_ptr, out_idx_ptr, n_in_ptr, n_out_ptr,
+    samples_ptr, gstart_ptr, gcount_ptr,
+    KIN, KOUT, H, W, HO, WO, HOWO, C_IN, MAX_CNT, DTYPE_KEY,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    gstart = tl.load(gstart_ptr + g)
+    cnt = tl.load(gcount_ptr + g)
+    m_total = cnt * HOWO
+    if pid_m * BM < m_total:
+        rep = tl.load(samples_ptr + gstart)  # every sample of the group has the same index rows
+        n_in = tl.load(n_in_ptr + rep)
+        n_out = tl.load(n_out_ptr + rep)
+        KK: tl.constexpr = KH * KW
+
+        # ---- rows: output pixels of the group's samples --------------------------------------------------------
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < m_total
+        s_local = offs_m // HOWO
+        pix = offs_m - s_local * HOWO
+        oh = pix // WO
+        ow = pix - oh * WO
+        b = tl.load(samples_ptr + gstart + s_local, mask=m_ok, other=0).to(tl.int64)
+        x_base = b * KIN * H * W  # int64: large batches of large maps stay in range
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+
+        # ---- columns: active output channels ---------------------------------------------------------------
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < n_out
+        o = tl.load(out_idx_ptr + rep * KOUT + offs_n, mask=n_ok, other=0)
+        w_col = o.to(tl.int64) * (C_IN * KK)
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # Reduction over the group's active input channels x taps; empty when no output column is active.
+        k_total = tl.where(pid_n * BN < n_out, n_in * KK, 0)
+        for k0 in range(0, k_total, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < k_total
+            j = offs_k // KK
+            rs = offs_k - j * KK
+            r = rs // KW
+            s = rs - r * KW
+            c = tl.load(in_idx_ptr + rep * KIN + j, mask=k_ok, other=0)  # original input channel
+
+            ih = ih0[:, None] + (r * DH)[None, :]
+            iw = iw0[:, None] + (s * DW)[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = x_base[:, None] + (j * (H * W))[None, :] + ih * W + iw
+            a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+
+            w_off = w_col[None, :] + (c * KK + rs).to(tl.int64)[:, None]
+            wt = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, wt, acc=acc, input_precision=DOT_PRECISION)
+
+        # ---- epilogue: bias + residual + ReLU, zero padding columns, store to compact positions ---------------
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + o, mask=n_ok, other=0.0).to(tl.float32)
+            acc += bv[None, :]
+        out_off = (b * KOUT * HOWO + pix)[:, None] + (offs_n * HOWO)[None, :]
+        st_ok = m_ok[:, None] & (offs_n < KOUT)[None, :]
+        if HAS_RES:
+            rv = tl.load(res_ptr + out_off, mask=st_ok & n_ok[None, :], other=0.0).to(tl.float32)
+            acc += rv
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        acc = tl.where(n_ok[None, :], acc, 0.0)
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=st_ok)
+
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(e) for e in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ValueError(f"gathered_conv2d_triton: {name} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_KEY = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _group_table(groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(samples sorted by group, start of each group, size of each group, #groups, largest group) - cached on the
+    ``groups`` tensor (the engine reuses one groups tensor for every layer with the same pair of channel sets)."""
+    hit = getattr(groups, "_gencnp_triton_groups", None)
+    if hit is not None and hit[0] == groups._version:
+        return hit[1]
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    samples = torch.sort(inverse, stable=True).indices.to(torch.int32)
+    start = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    table = (samples, start, counts.to(torch.int32), int(counts.numel()), int(counts.max()))
+    try:
+        groups._gencnp_triton_groups = (groups._version, table)
+    except (AttributeError, RuntimeError):  # pragma: no cover - e.g. a tensor subclass without a __dict__
+        pass
+    return table
+
+
+def gathered_conv2d_triton(
+    x: torch.Tensor,
+    in_idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_idx: torch.Tensor,
+    groups: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    relu: bool = False,
+) -> torch.Tensor:
+    """The gathered conv (contract of ``gencnp_fast::gathered_conv2d``) with the Triton kernel.
+
+    float32, float16 or bfloat16 (x, weight, bias and residual in one dtype), float32 accumulation; CUDA tensors,
+    or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if x.dim() != 4:
+        raise ValueError(f"gathered_conv2d_triton: x must be [B, Kin, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"gathered_conv2d_triton: weight must be [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"gathered_conv2d_triton: x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"gathered_conv2d_triton: {name} is {t.dtype}, x is {x.dtype}")
+    for name, t in (("in_idx", in_idx), ("out_idx", out_idx), ("groups", groups)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"gathered_conv2d_triton: {name} must be int32, got {t.dtype}")
+    dev = x.device
+    for name, t in (("in_idx", in_idx), ("weight", weight), ("bias", bias), ("out_idx", out_idx),
+                    ("groups", groups), ("residual", residual)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"gathered_conv2d_triton: {name} is on {t.device}, x is on {dev}")
+    if dev.type != "cuda" and not INTERPRET:
+        raise ValueError(f"gathered_conv2d_triton: tensors must be on a CUDA device (got {dev}); "
+                         "CPU tensors run only under TRITON_INTERPRET=1")
+    B, KIN, H, W = x.shape
+    C_OUT, C_IN, KH, KW = weight.shape
+    if in_idx.shape != (B, KIN):
+        raise ValueError(f"gathered_conv2d_triton: in_idx must be [B, Kin] = {(B, KIN)}, got {tuple(in_idx.shape)}")
+    if out_idx.dim() != 2 or out_idx.shape[0] != B:
+        raise ValueError(f"gathered_conv2d_triton: out_idx must be [B, Kout], got {tuple(out_idx.shape)}")
+    if groups.shape != (B,):
+        raise ValueError(f"gathered_conv2d_triton: groups must be [B] = {(B,)}, got {tuple(groups.shape)}")
+    if bias is not None and bias.shape != (C_OUT,):
+        raise ValueError(f"gathered_conv2d_triton: bias must be [C_out] = {(C_OUT,)}, got {tuple(bias.shape)}")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("gathered_conv2d_triton: stride and dilation must be >= 1, padding >= 0")
+    KOUT = out_idx.shape[1]
+    HO = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    WO = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    if HO <= 0 or WO <= 0:
+        raise ValueError(f"gathered_conv2d_triton: kernel {KH}x{KW} (dilation {dh}x{dw}) is larger than the "
+                         f"padded input {H + 2 * ph}x{W + 2 * pw}")
+    if residual is not None and residual.shape != (B, KOUT, HO, WO):
+        raise ValueError(f"gathered_conv2d_triton: residual must be {(B, KOUT, HO, WO)}, got {tuple(residual.shape)}")
+    out = torch.empty((B, KOUT, HO, WO), dtype=x.dtype, device=dev)
+    if B == 0 or KOUT == 0:
+        return out
+
+    x = x.contiguous()
+    weight = weight.contiguous()
+    in_idx = in_idx.contiguous()
+    out_idx = out_idx.contiguous()
+    bias_t = bias.contiguous() if bias is not None else weight  # dummy pointer, never read
+    res_t = residual.contiguous() if residual is not None else out  # dummy pointer, never read
+    n_in = (in_idx >= 0).sum(1, dtype=torch.int32)
+    n_out = (out_idx >= 0).sum(1, dtype=torch.int32)
+    samples, gstart, gcount, ngroups, max_cnt = _group_table(groups)
+    howo = HO * WO
+
+    def grid(meta):
+        return (triton.cdiv(max_cnt * howo, meta["BM"]), triton.cdiv(KOUT, meta["BN"]), ngroups)
+
+    _gathered_conv2d_kernel[grid](
+        x, weight, bias_t, res_t, out,
+        in_idx, out_idx, n_in, n_out,
+        samples, gstart, gcount,
+        KIN, KOUT, H, W, HO, WO, howo, C_IN, max_cnt, _DTYPE_KEY[x.dtype],
+        sh, sw, ph, pw, dh, dw,
+        KH=KH, KW=KW,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def gathered_linear_triton(
+    x: torch.Tensor,
+    in_idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_idx: torch.Tensor,
+    groups: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Gathered linear layer: ``x [B, Kin]``, ``weight [C_out, C_in]``, ``residual [B, Kout]`` -> ``[B, Kout]``.
+
+    The same kernel with a 1x1 "image": each group's samples are the GEMM rows, so a gathered weight tile is read
+    once per group of samples that share a mask.
+    """
+    B = x.shape[0]
+    y = gathered_conv2d_triton(
+        x.reshape(B, -1, 1, 1), in_idx, weight.reshape(weight.shape[0], -1, 1, 1), bias, out_idx, groups,
+        None if residual is None else residual.reshape(B, -1, 1, 1), 1, 0, 1, relu,
+    )
+    return y.reshape(B, -1)
