@@ -62,12 +62,14 @@ class ChannelSet:
         k = int(counts.max())
         if int(counts.min()) == channels:
             return cls.dense(batch, channels, device)
-        # Stable sort puts the active channels first, in ascending channel order.
-        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :k]
-        valid = torch.arange(k, device=device).unsqueeze(0) < counts.unsqueeze(1)
-        idx = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
-        uniq, gid = torch.unique(mask, dim=0, return_inverse=True)
-        return cls(idx.contiguous(), gid, int(uniq.shape[0]), channels, False, counts)
+        # Compaction by prefix sum: active channel c of sample b goes to column (#active before c); inactive ones to
+        # a spill column k that is dropped.
+        pos = torch.where(mask, mask.cumsum(1) - 1, torch.full_like(counts, k).unsqueeze(1))
+        idx = torch.full((mask.shape[0], k + 1), -1, dtype=torch.int32, device=device)
+        idx.scatter_(1, pos, torch.arange(channels, dtype=torch.int32, device=device).expand_as(mask))
+        idx[:, k] = -1
+        gid, ngroups = _row_groups(mask)
+        return cls(idx[:, :k].contiguous(), gid, ngroups, channels, False, counts)
 
     def flattened(self, spatial: int) -> "ChannelSet":
         """The set of ``torch.flatten(x, 1)`` features of a ``[B, C, H, W]`` activation with ``H*W = spatial``."""
@@ -93,6 +95,30 @@ class ChannelSet:
             pos.scatter_(1, torch.where(self.idx < 0, self.channels, self.idx.long()), src)
             self._pos = pos[:, : self.channels]
         return self._pos
+
+
+_HASH_WEIGHTS: Dict[Tuple[int, str], torch.Tensor] = {}
+
+
+def _row_groups(mask: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Group id per row of a bool ``[B, C]`` mask (equal rows, equal id) and the number of groups.
+
+    Rows are hashed by a random projection; the grouping is then verified against each group's first row and
+    recomputed exactly with ``torch.unique(dim=0)`` in the (astronomically rare) case of a collision.
+    """
+    b, c = mask.shape
+    key = (c, str(mask.device))
+    w = _HASH_WEIGHTS.get(key)
+    if w is None:
+        w = torch.rand(c, generator=torch.Generator().manual_seed(c), dtype=torch.float64).to(mask.device)
+        _HASH_WEIGHTS[key] = w
+    uniq, gid = torch.unique(mask.to(torch.float64) @ w, return_inverse=True)
+    rep = torch.zeros(len(uniq), dtype=torch.int64, device=mask.device).scatter_reduce_(
+        0, gid, torch.arange(b, device=mask.device), reduce="amin", include_self=False
+    )
+    if not bool((mask == mask[rep[gid]]).all()):
+        uniq, gid = torch.unique(mask, dim=0, return_inverse=True)
+    return gid, int(uniq.shape[0])
 
 
 def remap_channels(x: torch.Tensor, src: ChannelSet, dst: ChannelSet) -> torch.Tensor:
