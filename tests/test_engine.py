@@ -71,6 +71,7 @@ class HandWritten(nn.Module):
 MODELS = {
     "vgg_bn": (small_vgg, (3, 16, 16)),
     "vgg_nobn": (lambda: small_vgg(False), (3, 16, 16)),
+    "vgg_odd": (small_vgg, (3, 13, 11)),  # odd sizes through the 2×2 max-pools
     "resnet_basic": (small_resnet_basic, (3, 12, 12)),
     "resnet_bottleneck": (small_resnet_bottleneck, (3, 12, 12)),
     "resnet_stem": (small_resnet_imagenet_stem, (3, 23, 23)),

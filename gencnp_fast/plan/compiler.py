@@ -121,6 +121,27 @@ _FLATTEN_FUNCS = {torch.flatten}
 _PASSTHROUGH = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 
 
+def _maxpool_2x2(t: torch.Tensor) -> torch.Tensor:
+    """2×2 stride-2 max-pool as three strided maxima (several times faster than ``F.max_pool2d`` on CPU)."""
+    h, w = t.shape[-2] // 2 * 2, t.shape[-1] // 2 * 2
+    t = t[..., :h, :w]
+    return torch.maximum(
+        torch.maximum(t[..., 0::2, 0::2], t[..., 0::2, 1::2]), torch.maximum(t[..., 1::2, 0::2], t[..., 1::2, 1::2])
+    )
+
+
+def _channelwise_fn(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(mod, (nn.Dropout, nn.Identity)):  # eval mode: identity
+        return lambda t: t
+    if (isinstance(mod, nn.MaxPool2d) and _pair(mod.kernel_size) == (2, 2) and _pair(mod.stride or 2) == (2, 2)
+            and _pair(mod.padding) == (0, 0) and _pair(mod.dilation) == (1, 1) and not mod.ceil_mode
+            and not mod.return_indices):
+        return _maxpool_2x2
+    if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
+        raise UnsupportedModelError("MaxPool2d(return_indices=True) is not supported")
+    return mod
+
+
 def _pair(v) -> Tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -340,7 +361,7 @@ def compile_plan(model: nn.Module, example: torch.Tensor, masked_units: FrozenSe
 
         if isinstance(mod, _PASSTHROUGH):
             src = materialize(node.args[0])
-            fn = (lambda t: t) if isinstance(mod, (nn.Dropout, nn.Identity)) else mod
+            fn = _channelwise_fn(mod)
             emit(ChannelwiseStep(node.target, src, fn, shape[node.name]), sets[src], shape[node.name][0], node.name)
             continue
 
