@@ -52,6 +52,7 @@ namespace {
 constexpr int MR = 16;  // output channels per micro-tile (2 AVX vectors)
 constexpr int NR = 6;   // output columns (pixels) per micro-tile (broadcast)
 constexpr int64_t kBBlockBytes = 192 * 1024;          // target size of the B source of a column block
+constexpr int64_t kPackPrefetch = 6;                // weight-gather prefetch distance (channels)
 constexpr int64_t kACacheFloats = 4 * 1024 * 1024;    // max packed weight tiles kept per item
 
 // Thread-local, 64-byte aligned scratch that only grows (no allocation on the hot path).
@@ -194,6 +195,39 @@ struct Problem {
 };
 
 // Gather weights of tile `mt` of group g into dst [K][16] (rows past mv are zero).
+#if defined(GENCNP_AVX2)
+// d[u * MR + q] = s[q][u] for q, u < 8 (8 rows x 8 taps -> tap-major, one 8x8 transpose).
+inline void transpose8x8_store(const float* const* s, int64_t off, float* __restrict d) {
+  const __m256 r0 = _mm256_loadu_ps(s[0] + off), r1 = _mm256_loadu_ps(s[1] + off);
+  const __m256 r2 = _mm256_loadu_ps(s[2] + off), r3 = _mm256_loadu_ps(s[3] + off);
+  const __m256 r4 = _mm256_loadu_ps(s[4] + off), r5 = _mm256_loadu_ps(s[5] + off);
+  const __m256 r6 = _mm256_loadu_ps(s[6] + off), r7 = _mm256_loadu_ps(s[7] + off);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_store_ps(d + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_store_ps(d + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_store_ps(d + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_store_ps(d + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_store_ps(d + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_store_ps(d + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_store_ps(d + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_store_ps(d + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+// Gather the weights of tile `mt` of group g into dst [K][16]: row r of the tile is output
+// channel out_ch[16 mt + r], k = jv * khw + t reads weight[o, in_ch[jv], t]. Rows past mv
+// repeat row 0 (finite values; the epilogue never stores them).
 template <int KHW>
 void pack_weight_tile_impl(const Problem& pb, const GroupInfo& gi, int64_t mt, float* __restrict dst,
                            int64_t khw_rt) {
@@ -202,20 +236,40 @@ void pack_weight_tile_impl(const Problem& pb, const GroupInfo& gi, int64_t mt, f
   const float* rows[MR];
   const int64_t r0 = mt * MR;
   for (int r = 0; r < MR; ++r) {
-    rows[r] = (r0 + r < gi.mv) ? pb.w + pb.out_ch[gi.out_off + r0 + r] * row_stride : nullptr;
+    const int64_t rr = (r0 + r < gi.mv) ? r0 + r : r0;
+    rows[r] = pb.w + pb.out_ch[gi.out_off + rr] * row_stride;
   }
   const int64_t* ich = pb.in_ch.data() + gi.in_off;
   for (int64_t jv = 0; jv < gi.kv; ++jv) {
     const int64_t off = ich[jv] * khw;
     float* d = dst + jv * khw * MR;
-    for (int r = 0; r < MR; ++r) {
-      if (rows[r]) {
-        const float* s = rows[r] + off;
-        for (int64_t t = 0; t < khw; ++t) d[t * MR + r] = s[t];
-      } else {
-        for (int64_t t = 0; t < khw; ++t) d[t * MR + r] = 0.f;
+#if defined(GENCNP_AVX2)
+    // The 16 rows are scattered in a weight that lives in L3: prefetch a few channels ahead.
+    if (jv + kPackPrefetch < gi.kv) {
+      const int64_t poff = ich[jv + kPackPrefetch] * khw;
+      for (int r = 0; r < MR; ++r) {
+        __builtin_prefetch(rows[r] + poff);
+        __builtin_prefetch(rows[r] + poff + khw - 1);
       }
     }
+    int64_t t = 0;
+    for (; t + 8 <= khw; t += 8) {
+      transpose8x8_store(rows, off + t, d + t * MR);
+      transpose8x8_store(rows + 8, off + t, d + t * MR + 8);
+    }
+    for (; t < khw; ++t) {
+      const int64_t o = off + t;
+      _mm256_store_ps(d + t * MR, _mm256_setr_ps(rows[0][o], rows[1][o], rows[2][o], rows[3][o], rows[4][o],
+                                                 rows[5][o], rows[6][o], rows[7][o]));
+      _mm256_store_ps(d + t * MR + 8, _mm256_setr_ps(rows[8][o], rows[9][o], rows[10][o], rows[11][o],
+                                                     rows[12][o], rows[13][o], rows[14][o], rows[15][o]));
+    }
+#else
+    for (int r = 0; r < MR; ++r) {
+      const float* s = rows[r] + off;
+      for (int64_t t = 0; t < khw; ++t) d[t * MR + r] = s[t];
+    }
+#endif
   }
 }
 
