@@ -80,7 +80,13 @@ def test_cdrp_gates_start_at_one_and_l1_shrinks():
     assert all(v.shape == (6, c) for v, c in zip(g.values(), [u.channels for u in pathway_units(m, x[:1])]))
     assert all(bool((v >= 0).all()) for v in g.values())
     assert float(torch.cat(list(g.values()), 1).mean()) < 1.0
-    assert all(p.requires_grad for p in m.parameters())  # parameters handed back
+    assert all(p.requires_grad for p in m.parameters())  # flags handed back as they were
+    for p in m.parameters():
+        p.requires_grad_(False)  # a frozen target (as GEN-CNP freezes it) stays frozen
+    B.cdrp_gates(m, x[:2], steps=1)
+    assert not any(p.requires_grad for p in m.parameters())
+    for p in m.parameters():
+        p.requires_grad_(True)
 
 
 def test_cdrp_and_mct_match_density_per_sample():

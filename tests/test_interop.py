@@ -50,6 +50,17 @@ def test_grad_cam_shape_and_range():
     assert cam_p.shape == cam.shape
 
 
+def test_saliency_works_on_a_frozen_target():
+    m = tiny_model()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    from gencnp_fast.evaluation.baselines import neuron_mct_scores
+
+    assert grad_cam(m, X).shape == (6, 28, 28)
+    assert pathway_grad(m, X, half_pathway(m, X)).shape == X.shape
+    assert all(bool(torch.isfinite(v).all()) for v in neuron_mct_scores(m, X).values())
+
+
 def test_explain_func_numpy_in_numpy_out():
     a = explain_func(MODEL, X.numpy(), Y.numpy(), pathway_fn=half_pathway)
     assert isinstance(a, np.ndarray) and a.shape == tuple(X.shape) and a.dtype == np.float32

@@ -156,8 +156,9 @@ def cdrp_gates(
     model.eval()
     channels = unit_channels(model, x, units)
     out: Dict[str, List[torch.Tensor]] = {n: [] for n in channels}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)  # only the gates are optimised
     try:
         for sl in _batches(x.shape[0], batch_size):
             xb = x[sl]
@@ -178,8 +179,8 @@ def cdrp_gates(
             for n, g in gates.items():
                 out[n].append(g.detach())
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, f in flags:
+            p.requires_grad_(f)
     return {n: torch.cat(v) for n, v in out.items()}
 
 
@@ -210,7 +211,8 @@ def neuron_mct_scores(
     channels = unit_channels(model, x, units)
     out: Dict[str, List[torch.Tensor]] = {n: [] for n in channels}
     for sl in _batches(x.shape[0], batch_size):
-        xb = x[sl]
+        # the input requires grad so the unit outputs are in the graph even when the target is frozen
+        xb = x[sl].detach().requires_grad_(True)
         with torch.enable_grad():
             logits, feats = capture_units(model, xb)
             t = logits.argmax(1) if target is None else torch.as_tensor(target)[sl].long()

@@ -58,7 +58,8 @@ def grad_cam(
     unit = default_cam_unit(model, x) if unit is None else unit
     t = _targets(model, x, target)
     with torch.enable_grad():
-        logits, feats = capture_units(model, x, mask)
+        # the input requires grad so the unit outputs are in the graph even when the target is frozen
+        logits, feats = capture_units(model, x.detach().requires_grad_(True), mask)
         if unit not in feats:
             raise ValueError(f"{unit!r} is not a unit of this model")
         a = feats[unit]
