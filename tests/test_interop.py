@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gencnp_fast import Pathway, models, pathway_units
+from gencnp_fast import models, pathway_units
 from gencnp_fast.evaluation.interop import PathwayAttribution, explain_func
 from gencnp_fast.evaluation.saliency import grad_cam, pathway_grad
 

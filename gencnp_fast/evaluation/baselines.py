@@ -330,8 +330,8 @@ def run_baselines(
 ) -> Tuple[Dict[str, Dict[str, object]], Dict[str, object]]:
     """Every baseline at the per-sample density of ``reference`` (GEN-CNP's pathway ``{unit: bool [N, C]}``).
 
-    CDRP runs on ``cdrp_max_samples`` samples drawn at random (seeded; all when ``None``); its metrics are over those samples and
-    include ``reference_mDC`` / ``reference_fidelity`` / ``reference_acIOU``: the reference pathway's metrics on the
+    CDRP runs on ``cdrp_max_samples`` samples drawn at random (seeded; all when ``None``); its metrics are over
+    those samples and include ``reference_mDC`` / ``reference_fidelity`` / ``reference_acIOU``: the reference pathway's metrics on the
     same samples, for a like-for-like comparison. ``n_samples`` is recorded for every method.
 
     Returns ``(metrics, artifacts)``: ``metrics[method]`` has the keys of :func:`evaluate_pathway`;

@@ -14,7 +14,7 @@ import html
 import io
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 

@@ -7,8 +7,8 @@
   * ``union``:        M_k = OR_j m
   * ``intersection``: M_k = AND_j m
 
-- **Transfer**: every test sample of class k is run with the shared mask M_k (one ``[C]`` mask per class, so the
-  engine runs each class as one group) instead of its own pathway. "Class" is the sample's label when labels are
+- **Transfer**: every test sample of class k is run with the class mask M_k instead of its own pathway (the engine
+  groups the samples that share a mask, so a class runs as one group). "Class" is the sample's label when labels are
   given, else the full model's predicted class (``by="prediction"``).
 - The comparison: *own* (each sample's own pathway), *transfer* (M_k), and *random* (a random class pathway per
   class with the same per-unit density as M_k, also shared by the class), all with the same metrics
@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -101,18 +101,8 @@ def apply_class_pathways(class_pw: Mapping[str, torch.Tensor], classes: torch.Te
 
 def _class_logits(model: nn.Module, class_pw: Mapping[str, torch.Tensor], x: torch.Tensor, classes: torch.Tensor,
                   batch_size: int, backend: str) -> torch.Tensor:
-    """Logits with each class's shared mask, one group per class (the engine's shared-mask path)."""
-    out = torch.empty(x.shape[0], 0)
-    parts = {}
-    for c in torch.unique(classes).tolist():
-        idx = (classes == c).nonzero().flatten()
-        mask = {n: m[c].to(x.device) for n, m in class_pw.items()}
-        parts[c] = (idx, pathway_logits(model, mask, x[idx], batch_size, backend))
-    first = next(iter(parts.values()))[1]
-    out = torch.empty(x.shape[0], first.shape[1], dtype=first.dtype)
-    for idx, lg in parts.values():
-        out[idx] = lg
-    return out
+    """Logits with each sample's class pathway (the engine groups the samples that share a class's mask)."""
+    return pathway_logits(model, apply_class_pathways(class_pw, classes), x, batch_size, backend)
 
 
 def evaluate_transfer(
@@ -121,7 +111,7 @@ def evaluate_transfer(
     class_pw: Mapping[str, torch.Tensor],
     classes: torch.Tensor,
     full: Optional[torch.Tensor] = None,
-    batch_size: int = 256,
+    batch_size: int = 512,
     backend: str = "auto",
 ) -> Dict[str, float]:
     """``{"fidelity", "mDC", "mIC", "density_mean"}`` of the class pathways applied to ``x`` (class ``classes``)."""
@@ -145,7 +135,7 @@ def transfer_study(
     units: Optional[Sequence[str]] = None,
     num_classes: Optional[int] = None,
     full: Optional[torch.Tensor] = None,
-    batch_size: int = 256,
+    batch_size: int = 512,
     seed: int = 0,
     backend: str = "auto",
 ) -> Dict[str, object]:
