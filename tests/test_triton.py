@@ -349,3 +349,52 @@ def test_fast_pathway_forward_triton_mixed_empty_and_full_units():
     del path[units[3].name]  # a unit kept whole
     ref = g.reference_pathway_forward(model, path, x)
     assert rel_err(g.fast_pathway_forward(model, path, x, backend="triton"), ref) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compilation for an H100 (sm_90) without a GPU: the real (non-interpreted) code path of the kernel,
+# through Triton's MLIR pipeline and ptxas, for every dtype, autotune configuration family and epilogue variant
+
+def _ptxas_available() -> bool:
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(base) or os.environ.get("TRITON_PTXAS_PATH") is not None
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter child does not compile")
+@pytest.mark.skipif(not _ptxas_available(), reason="triton (with its ptxas) is not installed")
+@pytest.mark.parametrize("dtype,cfg_i,variant", [
+    ("fp32", 0, "full"), ("fp32", -1, "plain1x1"),
+    ("fp16", 0, "full"), ("fp16", 3, "plain1x1"), ("fp16", -1, "full"),
+    ("bf16", 1, "full"), ("bf16", -2, "plain1x1"),
+])
+def test_aot_compile_sm90(dtype, cfg_i, variant):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gencnp_fast.kernels import triton_conv as tc
+
+    if tc.INTERPRET:
+        pytest.skip("triton_conv was imported under the interpreter")
+    jit = tc._gathered_conv2d_kernel.fn
+    names = jit.arg_names
+    tensors = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr")
+    sig = {n: ("*" + dtype if n in tensors else "*i32") if n.endswith("_ptr") else "i32" for n in names}
+    cfg = tc._CONFIGS[cfg_i]
+    k = 3 if variant == "full" else 1
+    full = variant == "full"
+    const = dict(KH=k, KW=k, HAS_BIAS=full, HAS_RES=full, RELU=full,
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.kwargs)
+    sig.update({n: "constexpr" for n in const})
+    src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90" in ptx
+    assert len(kernel.asm["cubin"]) > 0
+    if dtype != "fp32":
+        assert "mma" in ptx, "float16/bfloat16 dots should use the tensor cores"
