@@ -305,32 +305,51 @@ void pad_samples(const Problem& pb, const GroupInfo& gi, int64_t s0, int64_t s1,
   }
 }
 
-// bias + residual + ReLU, scatter the 16 x nr tile into out.
-inline void epilogue(const Problem& pb, const GroupInfo& gi, int64_t mt, int64_t c, int nr,
-                     const float* Ct) {
-  const ConvGeom& G = pb.geo;
-  const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
-  int64_t base[NR];
-  for (int n = 0; n < nr; ++n) {
-    const int64_t cc = c + n;
-    const int64_t s = cc / G.P;
-    const int64_t p = cc - s * G.P;
-    base[n] = pb.samples[gi.start + s] * G.Kout * G.P + p;
-  }
-  const int64_t* opos = pb.out_pos.data() + gi.out_off + mt * MR;
-  const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
-  for (int r = 0; r < rows; ++r) {
-    const int64_t roff = opos[r] * G.P;
-    const float bv = pb.bias ? pb.bias[och[r]] : 0.f;
-    for (int n = 0; n < nr; ++n) {
-      const int64_t idx = base[n] + roff;
-      float v = Ct[n * MR + r] + bv;
-      if (pb.residual) v += pb.residual[idx];
-      if (pb.relu) v = v > 0.f ? v : 0.f;
-      pb.out[idx] = v;
+// bias + residual + ReLU, scatter the 16 x nr tile into out. cbase[n]: offset of column n in
+// out (sample * Kout * P + pixel); roff[r]: offset of tile row r (out position * P).
+template <bool RES, bool RELU>
+inline void epilogue_impl(float* __restrict out, const float* __restrict res, const int64_t* cbase, int nr,
+                          int rows, const int64_t* roff, const float* bvals, const float* __restrict Ct) {
+  bool contiguous = true;
+  for (int n = 1; n < nr; ++n) contiguous &= (cbase[n] == cbase[0] + n);
+  if (contiguous) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t o = cbase[0] + roff[r];
+      const float bv = bvals[r];
+      for (int n = 0; n < nr; ++n) {
+        float v = Ct[n * MR + r] + bv;
+        if (RES) v += res[o + n];
+        if (RELU) v = v > 0.f ? v : 0.f;
+        out[o + n] = v;
+      }
+    }
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      const float bv = bvals[r];
+      for (int n = 0; n < nr; ++n) {
+        const int64_t o = cbase[n] + roff[r];
+        float v = Ct[n * MR + r] + bv;
+        if (RES) v += res[o];
+        if (RELU) v = v > 0.f ? v : 0.f;
+        out[o] = v;
+      }
     }
   }
 }
+
+using EpilogueFn = void (*)(float*, const float*, const int64_t*, int, int, const int64_t*, const float*,
+                            const float*);
+
+EpilogueFn pick_epilogue(bool res, bool relu) {
+  if (res) return relu ? &epilogue_impl<true, true> : &epilogue_impl<true, false>;
+  return relu ? &epilogue_impl<false, true> : &epilogue_impl<false, false>;
+}
+
+struct ColumnBuffer {
+  std::vector<const float*> ptr;
+  std::vector<int64_t> base;
+};
+thread_local ColumnBuffer tl_cols;
 
 void run_item(const Problem& pb, const WorkItem& it) {
   const ConvGeom& G = pb.geo;
@@ -356,8 +375,11 @@ void run_item(const Problem& pb, const WorkItem& it) {
         koff[(jv * G.kh + ky) * G.kw + kx] = cbase + ky * G.dh * rowlen + kx * G.dw;
   }
   const int64_t sstride = G.padded ? gi.kv * G.plane : G.Kin * G.HW;
+  const EpilogueFn epi = pick_epilogue(pb.residual != nullptr, pb.relu);
   alignas(64) float Ct[MR * NR];
-  const float* bp[NR];
+  int64_t roff[MR];
+  float bvals[MR];
+  ColumnBuffer& cols = tl_cols;
   for (int64_t cb = it.c0; cb < it.c1; cb += gi.nc) {
     const int64_t ce = std::min(cb + gi.nc, it.c1);
     const int64_t npanel = (ce - cb + NR - 1) / NR;
@@ -368,6 +390,36 @@ void run_item(const Problem& pb, const WorkItem& it) {
       pad_samples(pb, gi, s0, s1, pbuf);
       src = pbuf;
     }
+    // Per column: window origin in the B source and offset in out.
+    const int64_t ncol = npanel * NR;
+    if (static_cast<int64_t>(cols.ptr.size()) < ncol) {
+      cols.ptr.resize(ncol);
+      cols.base.resize(ncol);
+    }
+    {
+      // walk (sample, oy, ox) incrementally: no divisions per column
+      int64_t s = s0, p = cb - s0 * G.P;
+      int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
+      for (int64_t i = 0; i < ce - cb; ++i) {
+        const int64_t b = pb.samples[gi.start + s];
+        const float* sb = G.padded ? src + (s - s0) * sstride : pb.x + b * sstride;
+        cols.ptr[i] = sb + oy * G.sh * rowlen + ox * G.sw;
+        cols.base[i] = b * G.Kout * G.P + p;
+        ++p;
+        if (++ox == G.Wo) {
+          ox = 0;
+          if (++oy == G.Ho) {
+            oy = 0;
+            p = 0;
+            ++s;
+          }
+        }
+      }
+      for (int64_t i = ce - cb; i < ncol; ++i) {  // pad the last panel with its last column
+        cols.ptr[i] = cols.ptr[ce - cb - 1];
+        cols.base[i] = cols.base[ce - cb - 1];
+      }
+    }
     for (int64_t mt = it.m0; mt < it.m1; ++mt) {
       const float* A;
       if (cache_a) {
@@ -376,19 +428,18 @@ void run_item(const Problem& pb, const WorkItem& it) {
         pack_weight_tile(pb, gi, mt, abuf);
         A = abuf;
       }
+      const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
+      const int64_t* opos = pb.out_pos.data() + gi.out_off + mt * MR;
+      const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
+      for (int r = 0; r < rows; ++r) {
+        roff[r] = opos[r] * G.P;
+        bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
+      }
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
-        for (int n = 0; n < NR; ++n) {
-          const int64_t cc = c + std::min(n, nr - 1);
-          const int64_t s = cc / G.P;
-          const int64_t p = cc - s * G.P;
-          const int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
-          const float* sb = G.padded ? src + (s - s0) * sstride : pb.x + pb.samples[gi.start + s] * sstride;
-          bp[n] = sb + oy * G.sh * rowlen + ox * G.sw;
-        }
-        run_micro_kernel(nr, K, A, bp, koff, Ct);
-        epilogue(pb, gi, mt, c, nr, Ct);
+        run_micro_kernel(nr, K, A, cols.ptr.data() + q * NR, koff, Ct);
+        epi(pb.out, pb.residual, cols.base.data() + q * NR, nr, rows, roff, bvals, Ct);
       }
     }
   }
