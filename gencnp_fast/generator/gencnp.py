@@ -1,0 +1,216 @@
+"""``GenCNP``: the pathway generator (DESIGN §3–4) around a frozen target CNN.
+
+``GenCNP(target, example_input)`` builds RFE → PDN → RPD → DAQ for the target's units. Calling it on a batch ``x``
+runs the target once, densely, capturing every unit's feature map (:func:`capture_units`), and returns a
+:class:`GenCNPOutput` with the hard pathway (a :class:`Pathway` of bool ``[B, C]`` masks), the DAQ masks of the
+chosen mode (soft masks in training), the raw scores, the class code and the class head's logits. The target's
+parameters are frozen and are not part of the generator's parameters or state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..model.pathway import Pathway
+from ..model.reference import cached_units, capture_units
+from ..model.units import Unit
+from .daq import DistanceAwareQuantizer
+from .pdn import PathwayDistillationNetwork
+from .rfe import RecursiveFeatureEmbedder
+from .rpd import RecursivePathwayDecoder
+
+__all__ = ["GenCNP", "GenCNPOutput", "CHECKPOINT_FORMAT", "read_checkpoint"]
+
+CHECKPOINT_FORMAT = "gencnp_fast.generator/1"
+
+
+@dataclasses.dataclass
+class GenCNPOutput:
+    """What one generator call returns.
+
+    Attributes:
+        pathway: hard masks (``s ≥ 0.5``) as a :class:`Pathway`, bool ``[B, C]`` per unit.
+        masks: DAQ output of the requested mode per unit (float ``[B, C]``; soft/straight-through in training).
+        scores: raw decoder scores ``s_l ∈ (0, 1)`` per unit.
+        code: the PDN class code ``c`` ``[B, code_dim]``.
+        class_logits: the PDN head's logits ``[B, classes]``.
+        target_logits: the target's dense logits ``z`` ``[B, classes]`` (captured in the same forward).
+    """
+
+    pathway: Pathway
+    masks: Dict[str, torch.Tensor]
+    scores: Dict[str, torch.Tensor]
+    code: torch.Tensor
+    class_logits: torch.Tensor
+    target_logits: torch.Tensor
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class GenCNP(nn.Module):
+    """GEN-CNP pathway generator for a frozen target model.
+
+    Args:
+        target_model: the CNN to explain (put in eval mode and frozen here).
+        example_input: one batch (or one image ``[C, H, W]``) of the inputs the target takes; fixes the units.
+        d: RFE/RPD hidden size.
+        code_dim: size of the PDN class code.
+        t0, sigma: DAQ's initial temperature and kernel width (1-bit setting: 2, 2).
+        init_bias: initial bias of the decoder heads (positive: start from the dense pathway).
+    """
+
+    def __init__(self, target_model: nn.Module, example_input: torch.Tensor, d: int = 64, code_dim: int = 64,
+                 t0: float = 2.0, sigma: float = 2.0, init_bias: float = 3.0):
+        super().__init__()
+        if not isinstance(target_model, nn.Module):
+            raise TypeError(f"target_model must be a torch.nn.Module, got {type(target_model).__name__}")
+        if example_input.dim() == 3:
+            example_input = example_input.unsqueeze(0)
+        _freeze(target_model)
+        object.__setattr__(self, "target", target_model)  # not a submodule: not trained, not saved
+        self.input_shape = tuple(int(s) for s in example_input.shape[1:])
+        with torch.no_grad():
+            try:
+                logits = target_model(example_input[:1])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"inputs of shape {self.input_shape} do not fit the target model: {exc}") from exc
+        if logits.dim() != 2:
+            raise ValueError(f"the target must output logits [B, classes], got shape {tuple(logits.shape)}")
+        self.num_classes = int(logits.shape[1])
+        self.units: List[Unit] = list(cached_units(target_model, example_input[:1]))
+        if not self.units:
+            raise ValueError("the target model has no units (no ReLU calls): nothing to explain")
+        self.config = dict(d=d, code_dim=code_dim, t0=t0, sigma=sigma, init_bias=init_bias)
+        channels = [u.channels for u in self.units]
+        self.rfe = RecursiveFeatureEmbedder(channels, d)
+        self.pdn = PathwayDistillationNetwork(d, code_dim, self.num_classes)
+        self.rpd = RecursivePathwayDecoder(channels, d, code_dim, init_bias)
+        self.daq = DistanceAwareQuantizer(t0=t0, sigma=sigma)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def unit_names(self) -> List[str]:
+        return [u.name for u in self.units]
+
+    def signature(self) -> List[tuple]:
+        """``[(unit name, channels)]``: what a checkpoint must match."""
+        return [(u.name, u.channels) for u in self.units]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"images of shape {tuple(x.shape[1:])} (batch {tuple(x.shape)}) do not fit the target model, "
+                f"which takes {self.input_shape}")
+
+    def forward(self, x: torch.Tensor, mode: Optional[str] = None) -> GenCNPOutput:
+        """Dense target forward (features captured once, no gradient into the target) → generator → masks.
+
+        ``mode``: DAQ mode of ``masks`` — ``"soft"``, ``"ste"`` or ``"hard"``; default ``"soft"`` in training mode
+        and ``"hard"`` in eval mode. ``pathway`` is always the hard one.
+        """
+        self.check_input(x)
+        with torch.no_grad():
+            logits, feats = capture_units(self.target, x)
+        return self.from_features(feats, logits, mode)
+
+    def from_features(self, features: Dict[str, torch.Tensor], target_logits: torch.Tensor,
+                      mode: Optional[str] = None) -> GenCNPOutput:
+        """The generator on already captured unit outputs (``{unit name: [B, C, ...]}``)."""
+        if mode is None:
+            mode = "soft" if self.training else "hard"
+        names = self.unit_names
+        missing = [n for n in names if n not in features]
+        if missing:
+            raise ValueError(f"features are missing units {missing[:4]}")
+        e, h = self.rfe([features[n].detach() for n in names])
+        code, class_logits = self.pdn(h)
+        scores = self.rpd(code, e)
+        masks = {n: self.daq(s, mode) for n, s in zip(names, scores)}
+        hard = Pathway({n: (s >= 0.5) for n, s in zip(names, scores)}, {u.name: u.channels for u in self.units})
+        return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits, target_logits.detach())
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor) -> Pathway:
+        """The hard pathway of every sample of ``x`` (no gradient; the generator's mode is left unchanged)."""
+        return self.forward(x, mode="hard").pathway
+
+    # Persistence ------------------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": dict(self.config),
+            "units": [list(t) for t in self.signature()],
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "target_class": f"{type(self.target).__module__}.{type(self.target).__qualname__}",
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+
+    def save(self, path) -> None:
+        """Save the generator (weights, config, and the target's unit signature; not the target)."""
+        torch.save(self.checkpoint_state(), path)
+
+    @classmethod
+    def load(cls, path, target_model: nn.Module) -> "GenCNP":
+        """Load a generator saved by :meth:`save` (or a training checkpoint) for ``target_model``.
+
+        Raises ``ValueError`` for an unreadable/corrupt file, a file that is no GEN-CNP checkpoint, or a checkpoint
+        made for another model (different units or channel counts).
+        """
+        state = read_checkpoint(path)
+        shape = tuple(state["input_shape"])
+        example = torch.zeros((1,) + shape)
+        saved = [tuple(u) for u in state["units"]]
+        try:
+            units = cached_units(_freeze(target_model), example)
+        except ValueError as exc:
+            raise ValueError(f"{path} was trained for inputs of shape {shape}, which do not fit this model: {exc}")
+        ours = [(u.name, u.channels) for u in units]
+        if ours != saved:
+            diff = next(((a, b) for a, b in zip(saved, ours) if a != b), None)
+            detail = (f"first difference: checkpoint {diff[0]} vs model {diff[1]}" if diff else
+                      f"checkpoint has {len(saved)} units, the model {len(ours)}")
+            raise ValueError(
+                f"{path} is a generator for another model ({state.get('target_class', '?')}, {len(saved)} units); "
+                f"{detail}")
+        gen = cls(target_model, example, **state["config"])
+        if gen.num_classes != state["num_classes"]:
+            raise ValueError(f"{path} is for a model with {state['num_classes']} classes, this one has "
+                             f"{gen.num_classes}")
+        try:
+            gen.load_state_dict(state["state_dict"])
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: generator weights do not fit: {exc}") from exc
+        gen.eval()
+        return gen
+
+
+def read_checkpoint(path) -> dict:
+    """Read a generator file (or the ``"generator"`` entry of a training checkpoint) with clear errors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"generator checkpoint {path} does not exist") from None
+    except Exception as exc:
+        raise ValueError(f"could not read {path}: the file is corrupt or not a torch checkpoint "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if isinstance(state, dict) and "generator" in state and isinstance(state["generator"], dict):
+        state = state["generator"]
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a GEN-CNP generator checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    for key in ("config", "units", "input_shape", "num_classes", "state_dict"):
+        if key not in state:
+            raise ValueError(f"{path} is an incomplete generator checkpoint: {key!r} is missing")
+    return state
