@@ -265,3 +265,29 @@ def test_pathway_flops_ideal_ratio(vgg):
     quarter = g.pathway_flops(model, g.Pathway.random(units, 0.25, 2), x)
     assert 4.0 < quarter["ideal_flop_ratio"] < 16.0
     assert quarter["ideal_bytes_ratio"] > 1.0
+
+
+class ViewFlatten(nn.Module):
+    """``x.view(x.size(0), -1)``, ``Tensor.relu`` and ``torch.add`` spellings."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.c1(x).relu()
+        x = torch.add(self.c2(x), x).relu()
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_view_flatten_and_method_relu(backend):
+    torch.manual_seed(0)
+    model = ViewFlatten().eval()
+    x = torch.randn(3, 2, 4, 4)
+    units = g.pathway_units(model, x)
+    assert [u.name for u in units] == ["relu", "relu_1"]
+    path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0))
+    assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), g.reference_pathway_forward(model, path, x)) <= 1e-4
