@@ -29,6 +29,18 @@ __all__ = ["DistanceAwareQuantizer", "MODES"]
 MODES = ("soft", "hard", "ste")
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard mask exactly; backward: the gradient goes to the soft mask."""
+
+    @staticmethod
+    def forward(ctx, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
 class DistanceAwareQuantizer(nn.Module):
     """1-bit DAQ: ``forward(s, mode)`` maps scores ``s ∈ [0, 1]`` (any shape) to masks of the same shape.
 
@@ -81,7 +93,7 @@ class DistanceAwareQuantizer(nn.Module):
         if mode == "soft":
             return soft
         if mode == "ste":
-            return self.hard(s) + soft - soft.detach()
+            return _StraightThrough.apply(self.hard(s).detach(), soft)
         raise ValueError(f"DAQ mode must be one of {MODES}, got {mode!r}")
 
     def extra_repr(self) -> str:

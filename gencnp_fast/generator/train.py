@@ -128,7 +128,8 @@ def _atomic_save(obj, path: str) -> None:
 
 
 def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str] = None,
-                 resume: bool = False, quiet: bool = False, log=None) -> Dict[str, object]:
+                 resume: bool = False, quiet: bool = False, log=None,
+                 stop_after: Optional[int] = None) -> Dict[str, object]:
     """Train ``gen`` on ``train``, validating on ``val`` after every epoch.
 
     Args:
@@ -137,6 +138,7 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
             memory only.
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
         log: optional ``callable(str)`` for one line per epoch.
+        stop_after: stop after this many epochs in total (a time-boxed run; ``resume`` continues it exactly).
 
     Returns:
         ``{"history": [per-epoch dicts], "best": best epoch's validation metrics, "best_epoch": int}``; ``gen``
@@ -177,7 +179,8 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
             log(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
     soft_epochs = int(round(cfg.soft_fraction * cfg.epochs))
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, end_epoch):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         mode = "soft" if epoch < soft_epochs else "ste"

@@ -1,0 +1,164 @@
+"""GEN-CNP parts (RFE, PDN, RPD) and the GenCNP module: shapes, gradients, frozen target, checkpoints."""
+
+import pytest
+import torch
+
+from gencnp_fast.generator import (GenCNP, PathwayDistillationNetwork, RecursiveFeatureEmbedder,
+                                   RecursivePathwayDecoder, distill_kl, supervised_contrastive)
+from gencnp_fast.model import Pathway, capture_units
+from gencnp_fast.models import mnist_resnet, mnist_vgg
+
+
+def tiny_vgg():
+    torch.manual_seed(0)
+    return mnist_vgg(width=4).eval()
+
+
+def test_rfe_shapes_and_gradients():
+    rfe = RecursiveFeatureEmbedder([3, 5, 7], d=8)
+    feats = [torch.randn(4, 3, 6, 6, requires_grad=True), torch.randn(4, 5, 3, 3), torch.randn(4, 7)]
+    e, h = rfe(feats)
+    assert [t.shape for t in e] == [torch.Size([4, 8])] * 3
+    assert [t.shape for t in h] == [torch.Size([4, 8])] * 3
+    h[-1].sum().backward()
+    assert feats[0].grad is not None and feats[0].grad.abs().sum() > 0  # deep state sees shallow features
+    assert all(p.grad is not None for p in rfe.parameters())
+    with pytest.raises(ValueError):
+        rfe(feats[:2])
+
+
+def test_pdn_shapes_losses_and_gradients():
+    pdn = PathwayDistillationNetwork(d=8, code_dim=6, num_classes=3)
+    h = [torch.randn(5, 8, requires_grad=True) for _ in range(4)]
+    c, logits = pdn(h)
+    assert c.shape == (5, 6) and logits.shape == (5, 3)
+    teacher = torch.randn(5, 3)
+    kd = distill_kl(teacher, logits, tau=2.0)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    sc = supervised_contrastive(c, labels, 0.2)
+    (kd + sc).backward()
+    assert all(p.grad is not None for p in pdn.parameters())
+    assert float(distill_kl(teacher, teacher, 2.0)) < 1e-6
+
+
+def test_supervised_contrastive_prefers_clustered_codes():
+    labels = torch.tensor([0, 0, 1, 1])
+    clustered = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    assert supervised_contrastive(clustered, labels) < supervised_contrastive(mixed, labels)
+    assert float(supervised_contrastive(clustered, torch.tensor([0, 1, 2, 3]))) == 0.0  # no positives
+
+
+def test_rpd_scores_shapes_range_and_gradients():
+    rpd = RecursivePathwayDecoder([3, 5, 7], d=8, code_dim=6, init_bias=3.0)
+    c = torch.randn(4, 6, requires_grad=True)
+    e = [torch.randn(4, 8) for _ in range(3)]
+    s = rpd(c, e)
+    assert [t.shape for t in s] == [torch.Size([4, 3]), torch.Size([4, 5]), torch.Size([4, 7])]
+    assert all(bool(((t > 0) & (t < 1)).all()) for t in s)
+    assert all(bool((t > 0.9).all()) for t in s)  # starts from the dense pathway
+    s[0].sum().backward()  # the shallowest scores depend on the code through the whole recurrence
+    assert c.grad is not None and c.grad.abs().sum() > 0
+
+
+def test_gencnp_forward_gives_pathway_and_scores():
+    target = tiny_vgg()
+    x = torch.rand(3, 1, 28, 28)
+    gen = GenCNP(target, x, d=16, code_dim=16)
+    out = gen(x)  # training mode: soft masks
+    assert isinstance(out.pathway, Pathway) and out.pathway.batch_size == 3
+    assert list(out.pathway) == gen.unit_names == [u.name for u in gen.units]
+    for u in gen.units:
+        assert out.pathway[u.name].dtype == torch.bool and out.pathway[u.name].shape == (3, u.channels)
+        assert out.scores[u.name].shape == (3, u.channels)
+        assert out.masks[u.name].dtype == torch.float32
+        assert not bool(((out.masks[u.name] == 0) | (out.masks[u.name] == 1)).all())  # soft
+    gen.eval()
+    hard = gen(x)
+    for n in gen.unit_names:
+        assert bool(((hard.masks[n] == 0) | (hard.masks[n] == 1)).all())
+        assert torch.equal(hard.masks[n].bool(), hard.pathway[n])
+    torch.testing.assert_close(out.target_logits, target(x))
+    assert out.class_logits.shape == (3, 10) and out.code.shape == (3, 16)
+
+
+def test_gencnp_gradients_reach_every_part_but_not_the_target():
+    target = tiny_vgg()
+    x = torch.rand(4, 1, 28, 28)
+    gen = GenCNP(target, x, d=16, code_dim=16)
+    out = gen(x, mode="soft")
+    loss = sum(m.sum() for m in out.masks.values()) + out.class_logits.sum() + out.code.sum()
+    loss.backward()
+    for name, p in gen.named_parameters():
+        assert p.grad is not None, name
+    assert all(not p.requires_grad for p in target.parameters())
+    assert not target.training
+    assert not any(k.startswith("target") for k in gen.state_dict())
+    assert not ({id(p) for p in target.parameters()} & {id(p) for p in gen.parameters()})
+
+
+def test_generator_from_captured_features_matches_forward():
+    target = tiny_vgg()
+    x = torch.rand(2, 1, 28, 28)
+    gen = GenCNP(target, x, d=16, code_dim=16).eval()
+    logits, feats = capture_units(target, x)
+    a = gen.from_features(feats, logits)
+    b = gen(x)
+    for n in gen.unit_names:
+        assert torch.equal(a.pathway[n], b.pathway[n])
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    target = tiny_vgg()
+    gen = GenCNP(target, torch.rand(1, 1, 28, 28), d=8, code_dim=8)
+    with pytest.raises(ValueError, match="do not fit"):
+        gen(torch.rand(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="do not fit"):
+        GenCNP(target, torch.rand(1, 3, 32, 32))
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    target = tiny_vgg()
+    x = torch.rand(5, 1, 28, 28)
+    torch.manual_seed(1)
+    gen = GenCNP(target, x, d=16, code_dim=8, init_bias=0.0).eval()
+    path = tmp_path / "generator.pt"
+    gen.save(path)
+    gen2 = GenCNP.load(path, target)
+    assert gen2.config == gen.config
+    a, b = gen.explain(x), gen2.explain(x)
+    for n in gen.unit_names:
+        assert torch.equal(a[n], b[n])
+
+
+def test_checkpoint_for_another_model_is_rejected(tmp_path):
+    gen = GenCNP(tiny_vgg(), torch.rand(1, 1, 28, 28), d=8, code_dim=8)
+    path = tmp_path / "generator.pt"
+    gen.save(path)
+    other = mnist_resnet(width=4).eval()
+    with pytest.raises(ValueError, match="another model"):
+        GenCNP.load(path, other)
+    wider = mnist_vgg(width=8).eval()
+    with pytest.raises(ValueError, match="another model"):
+        GenCNP.load(path, wider)
+
+
+def test_corrupt_or_foreign_checkpoint_is_rejected(tmp_path):
+    target = tiny_vgg()
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x80\x02this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        GenCNP.load(bad, target)
+    gen = GenCNP(target, torch.rand(1, 1, 28, 28), d=8, code_dim=8)
+    good = tmp_path / "g.pt"
+    gen.save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        GenCNP.load(truncated, target)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a GEN-CNP"):
+        GenCNP.load(foreign, target)
+    with pytest.raises(ValueError, match="does not exist"):
+        GenCNP.load(tmp_path / "missing.pt", target)
