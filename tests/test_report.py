@@ -113,3 +113,26 @@ def test_headless_check_detects_a_broken_image(tmp_path):
     path = write_report(str(tmp_path), [broken], {"gencnp": {"fidelity": 1.0}})
     data = body_data(render_dom(path))
     assert data.get("images-ok") == "false" and data.get("images-broken") == "1", data
+
+
+def test_run_suite_from_demo_dir_merges_metrics(tmp_path):
+    from gencnp_fast.evaluation.suite import run_suite_from_dir
+
+    m = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, 1, 28, 28, generator=g)
+    y = torch.arange(24) % 3
+    units = pathway_units(m, x[:1])
+    pw = Pathway.random(units, 0.5, 24, generator=g)
+    torch.save(m, tmp_path / "target_model.pt")
+    torch.save({"x": x, "y": y, "pathway": {n: pw[n] for n in pw}, "units": [u.name for u in units]},
+               tmp_path / "pathways.pt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"target": {"accuracy": 0.5},
+                                                       "gencnp": {"explain_ms_per_image": 0.01}}))
+    res = run_suite_from_dir(str(tmp_path), make_report=False, cdrp_max_samples=6, cdrp_steps=1,
+                             sweep_densities=(0.3,), transfer_js=("all",))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["target"] == {"accuracy": 0.5} and saved["gencnp"]["explain_ms_per_image"] == 0.01
+    assert set(saved["baselines"]) == {"cdrp", "neuron_mct", "random"}
+    assert set(saved["transfer"]) >= {"majority", "union", "intersection"}
+    assert res["suite"]["transfer_source"].startswith("test split")
