@@ -49,7 +49,7 @@ def _extensions():
     march = os.environ.get("GENCNP_FAST_MARCH", "native").strip()
     debug = _flag("GENCNP_FAST_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp", "-std=c++17", "-fvisibility=hidden"]
+    cxx += ["-fopenmp", "-fvisibility=hidden"]  # torch.utils.cpp_extension adds -std=c++20
     if march and march.lower() != "none":
         cxx.append("-march=%s" % march)
     link = ["-fopenmp"]
@@ -62,7 +62,7 @@ def _extensions():
     if build_cuda:
         from torch.utils.cpp_extension import CUDAExtension
 
-        nvcc = ["-O3", "--use_fast_math", "-std=c++17", "-DWITH_CUDA"]
+        nvcc = ["-O3", "-DWITH_CUDA"]
         return [
             CUDAExtension(
                 "gencnp_fast._C",
