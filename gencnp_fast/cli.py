@@ -29,8 +29,8 @@ __all__ = ["main", "build_parser", "run_demo", "DEMO_CONFIGS"]
 
 # The embedded demo's settings. "quick" must finish in under 5 minutes on 2 CPU cores, "full" in under 30.
 DEMO_CONFIGS = {
-    "quick": dict(model="mnist_vgg", width=16, target_epochs=4, target_lr=5e-3, epochs=6, lambda_sp=2.0),
-    "full": dict(model="mnist_vgg", width=32, target_epochs=6, target_lr=3e-3, epochs=16, lambda_sp=2.0),
+    "quick": dict(model="mnist_vgg", width=16, target_epochs=4, target_lr=3e-3, epochs=4),
+    "full": dict(model="mnist_vgg", width=16, target_epochs=6, target_lr=3e-3, epochs=12),
 }
 
 

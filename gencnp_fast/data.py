@@ -60,8 +60,11 @@ class ImageData:
         return ImageData(self.x[idx], self.y[idx], self.classes, self.name)
 
     def limit(self, n: Optional[int]) -> "ImageData":
-        """The first ``n`` images (all if ``n`` is None)."""
-        return self if n is None or n >= len(self) else self.subset(slice(0, n))
+        """``n`` images spread evenly over the set (every k-th; all if ``n`` is None), so a set sorted by class
+        keeps every class."""
+        if n is None or n >= len(self):
+            return self
+        return self.subset(torch.linspace(0, len(self) - 1, max(int(n), 1)).round().long())
 
 
 def mnist5k_path() -> str:

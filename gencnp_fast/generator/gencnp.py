@@ -69,7 +69,7 @@ class GenCNP(nn.Module):
     """
 
     def __init__(self, target_model: nn.Module, example_input: torch.Tensor, d: int = 64, code_dim: int = 64,
-                 t0: float = 2.0, sigma: float = 2.0, init_bias: float = 3.0):
+                 t0: float = 2.0, sigma: float = 2.0, init_bias: float = 0.5):
         super().__init__()
         if not isinstance(target_model, nn.Module):
             raise TypeError(f"target_model must be a torch.nn.Module, got {type(target_model).__name__}")

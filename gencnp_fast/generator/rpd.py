@@ -3,8 +3,9 @@
 A GRU cell runs over the units deep → shallow: ``g_{L+1} = tanh(W c)``, ``g_l = GRU([c, e_l], g_{l+1})``, so each
 unit's decision sees the class code, its own feature embedding (instance-specific sparsity) and the decisions made
 for the deeper units. A per-unit linear head gives channel scores ``s_l = sigmoid(head_l(g_l)) ∈ (0, 1)^{C_l}``.
-The heads' biases start at ``init_bias`` (default +3: every channel kept, s ≈ 0.95), so training starts from the
-faithful dense pathway and the density penalty prunes from there.
+The heads' biases start at ``init_bias`` (GenCNP's default +0.5: every channel kept, s ≈ 0.62, close enough to the
+threshold that a few hundred Adam steps can prune), so training starts from the faithful dense pathway and the
+density penalty prunes from there.
 """
 
 from __future__ import annotations

@@ -44,15 +44,15 @@ class TrainConfig:
     """Hyper-parameters of GEN-CNP training (the defaults are the ones the embedded demo uses)."""
 
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 3e-3
+    batch_size: int = 64
+    lr: float = 1e-2
     weight_decay: float = 0.0
     tau: float = 2.0                 # KD temperature (faithfulness term and PDN head)
-    lambda_sp: float = 2.0           # density penalty
+    lambda_sp: float = 3.0           # density penalty
     lambda_cls: float = 0.1          # class term
     supcon_temperature: float = 0.2
     sp_warmup: float = 0.1           # fraction of the steps over which λ_sp ramps up from 0
-    soft_fraction: float = 0.5       # fraction of the epochs trained with soft DAQ masks (then straight-through)
+    soft_fraction: float = 0.25      # fraction of the epochs trained with soft DAQ masks (then straight-through)
     fidelity_floor: float = 0.97     # best-checkpoint rule (see module doc)
     seed: int = 0
     backend: str = "auto"            # fast_pathway_forward backend for validation
