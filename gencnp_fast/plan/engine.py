@@ -275,3 +275,6 @@ def pathway_flops(model: nn.Module, mask: Optional[MaskLike], x: torch.Tensor) -
         ideal_flop_ratio=tot["dense_macs"] / max(tot["pathway_macs"], 1.0),
         ideal_bytes_ratio=tot["dense_bytes"] / max(tot["pathway_bytes"], 1.0),
     )
+
+
+from ..kernels import gpu_backends  # noqa: E402,F401  (registers the "triton" and "cuda" backends)
