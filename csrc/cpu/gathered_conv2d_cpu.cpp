@@ -4,22 +4,24 @@
 //
 //   C_g[Mv x N_g] = A_g[Mv x K] * B_g[K x N_g],   K = (#valid inputs) * kh * kw,
 //
-// where A_g holds the weights of the group's active output rows / input channels (gathered
-// from the plain [C_out, C_in, kh, kw] weight, never materialised as a whole per-sample copy)
-// and the N_g = (#samples in g) * Ho * Wo columns are the im2col of the compact input of every
-// sample of the group (a column block may span several samples: this keeps 2x2 / 1x1 maps and
-// Linear layers (1 pixel) dense in the micro-kernel).
+// A_g: the weights of the group's active output rows x active input channels, gathered from the
+// plain [C_out, C_in, kh, kw] weight (never materialised as a whole per-sample copy);
+// B_g: the im2col of the compact input of every sample of the group; its N_g = (#samples) * Ho * Wo
+// columns may span several samples, which keeps 2x2 / 1x1 maps and Linear layers (1 pixel)
+// dense in the micro-kernel.
 //
-// Blocking (Goto style, no K blocking):
-//   * work item = (group, range of column blocks, range of 16-row tiles), scheduled
-//     dynamically over at::parallel_for's threads;
-//   * per column block (NC columns, ~128 KB): im2col straight into NR=6 wide panels
-//     [K][6] in a thread-local buffer (no fresh allocation on the hot path);
-//   * per 16-row tile: weights gathered into a [K][16] panel (the "packing" step of the GEMM
-//     doubles as the gather); packed once per item and reused over all columns of the item,
-//     i.e. over every pixel of every sample of the group;
-//   * 16x6 register-blocked FMA micro-kernel (AVX2+FMA intrinsics, portable vector fallback);
-//   * fused epilogue: bias + residual + ReLU, rows with out_idx == -1 are written as zeros.
+// Blocking:
+//   * work item = (group, range of column blocks, range of 16-row tiles), scheduled dynamically
+//     over at::parallel_for's threads (so 2 threads both work even at batch 1);
+//   * B is never packed: a column is read in place through a per-column window pointer plus a
+//     per-k offset table (koff), from x itself (padding 0) or from a zero-padded copy of the
+//     valid channels of the block's samples (thread-local buffer, reused across calls);
+//   * A: per 16-row tile, weights are gathered into a [K][16] panel (8x8 register transposes;
+//     this gather, from L3, bounds per-sample masks on 2x2 / 4x4 maps); the panel is reused over
+//     every column of the item, i.e. every pixel of every sample of the group, and cached for the
+//     item when it has several column blocks;
+//   * 16x6 register-blocked FMA micro-kernel (AVX2+FMA intrinsics; portable GCC vector fallback);
+//   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,7 +54,6 @@ namespace {
 constexpr int MR = 16;  // output channels per micro-tile (2 AVX vectors)
 constexpr int NR = 6;   // output columns (pixels) per micro-tile (broadcast)
 constexpr int64_t kBBlockBytes = 192 * 1024;          // target size of the B source of a column block
-constexpr int64_t kPackPrefetch = 6;                // weight-gather prefetch distance (channels)
 constexpr int64_t kACacheFloats = 4 * 1024 * 1024;    // max packed weight tiles kept per item
 
 // Thread-local, 64-byte aligned scratch that only grows (no allocation on the hot path).
@@ -244,14 +245,6 @@ void pack_weight_tile_impl(const Problem& pb, const GroupInfo& gi, int64_t mt, f
     const int64_t off = ich[jv] * khw;
     float* d = dst + jv * khw * MR;
 #if defined(GENCNP_AVX2)
-    // The 16 rows are scattered in a weight that lives in L3: prefetch a few channels ahead.
-    if (jv + kPackPrefetch < gi.kv) {
-      const int64_t poff = ich[jv + kPackPrefetch] * khw;
-      for (int r = 0; r < MR; ++r) {
-        __builtin_prefetch(rows[r] + poff);
-        __builtin_prefetch(rows[r] + poff + khw - 1);
-      }
-    }
     int64_t t = 0;
     for (; t + 8 <= khw; t += 8) {
       transpose8x8_store(rows, off + t, d + t * MR);
