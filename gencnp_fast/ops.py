@@ -75,8 +75,10 @@ def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, groups, residual, st
                           dilation, relu):
     torch._check(x.dim() == 4, lambda: "gathered_conv2d: x must be [B, Kin, H, W]")
     torch._check(weight.dim() == 4, lambda: "gathered_conv2d: weight must be [C_out, C_in, kh, kw]")
-    torch._check(x.dtype == torch.float32, lambda: "gathered_conv2d: x must be float32")
-    torch._check(weight.dtype == torch.float32, lambda: "gathered_conv2d: weight must be float32")
+    # float32 everywhere; float16 / bfloat16 on CUDA (the CUDA kernel accumulates them in float32)
+    ok_dtypes = (torch.float32,) if x.device.type == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    torch._check(x.dtype in ok_dtypes, lambda: f"gathered_conv2d: x must be one of {ok_dtypes} on {x.device.type}")
+    torch._check(weight.dtype == x.dtype, lambda: "gathered_conv2d: weight must have x's dtype")
     torch._check(in_idx.dtype == torch.int32, lambda: "gathered_conv2d: in_idx must be int32")
     torch._check(out_idx.dtype == torch.int32, lambda: "gathered_conv2d: out_idx must be int32")
     torch._check(groups.dtype == torch.int32, lambda: "gathered_conv2d: groups must be int32")
