@@ -39,7 +39,26 @@ __all__ = [
     "load_pathways",
     "write_outputs",
     "recompute_metrics",
+    "register_evaluation_hook",
+    "run_evaluation_hooks",
 ]
+
+# Callables ``hook(result: ExplainResult) -> None`` that add keys to ``result.metrics`` (baselines, class-pathway
+# transfer, reports...). ``gencnp evaluate`` and ``gencnp demo`` run them after the GEN-CNP metrics, before writing.
+EVALUATION_HOOKS: List = []
+
+
+def register_evaluation_hook(hook) -> None:
+    """Add ``hook(result)`` to the evaluation run by ``gencnp evaluate`` / ``gencnp demo`` (once per hook)."""
+    if hook not in EVALUATION_HOOKS:
+        EVALUATION_HOOKS.append(hook)
+
+
+def run_evaluation_hooks(result: "ExplainResult", hooks=None) -> "ExplainResult":
+    """Run the registered hooks (or ``hooks``) on ``result``; each may add keys to ``result.metrics``."""
+    for hook in (EVALUATION_HOOKS if hooks is None else hooks):
+        hook(result)
+    return result
 
 
 @dataclasses.dataclass

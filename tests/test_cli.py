@@ -124,3 +124,21 @@ def test_bad_inputs_give_clear_errors(user_flow, capsys, tmp_path):
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "gencnp_fast", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "demo" in r.stdout and "train-target" in r.stdout
+
+
+def test_evaluation_hooks_extend_metrics(user_flow, tmp_path):
+    from gencnp_fast import explain
+
+    d, base = user_flow
+
+    def hook(result):
+        result.metrics["extra"] = {"n": len(result.data), "units": len(result.generator.units)}
+
+    explain.register_evaluation_hook(hook)
+    try:
+        assert main(["evaluate", "--target", str(d / "t.pt"), "--generator", str(d / "g" / "generator.pt"),
+                     "--out", str(tmp_path / "ev"), "--no-timing"] + base) == 0
+    finally:
+        explain.EVALUATION_HOOKS.remove(hook)
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["extra"] == {"n": 40, "units": 6}
