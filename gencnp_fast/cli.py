@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
 
     d = sub.add_parser("demo", help="embedded MNIST end to end (target, GEN-CNP, explain, evaluate)")
-    d.add_argument("--out", default="gencnp_demo", help="output directory (default: gencnp_demo)")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--quick", action="store_true", help="smaller run, under 5 minutes on 2 CPU cores")
     d.add_argument("--model", choices=["mnist_vgg", "mnist_resnet"], default=None)
     for hidden in ("--epochs", "--target-epochs", "--limit", "--test-limit", "--width"):
