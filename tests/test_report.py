@@ -46,7 +46,9 @@ def suite_run(tmp_path_factory):
     scores = {u.name: torch.rand(36, u.channels, generator=g) for u in units}
     res = run_suite(m, x, y, pw, out, train_y=ty, train_pathway=tpw, gencnp_explain_ms=0.01, gencnp_scores=scores,
                     cdrp_max_samples=12, cdrp_steps=2, sweep_densities=(0.1, 0.4), transfer_js=(1, "all"),
-                    cam_images=3, batch_size=16, meta={"model": "tiny"})
+                    cam_images=3, batch_size=16, meta={"model": "tiny"},
+                    pathway_fn=lambda _m, xb: {u.name: torch.ones(xb.shape[0], u.channels, dtype=torch.bool)
+                                               for u in units})
     return out, res
 
 
@@ -61,6 +63,8 @@ def test_suite_returns_metrics_json_ready(suite_run):
     suite = res["suite"]
     assert "gencnp" in suite["density_sweep"] and "cdrp" in suite["density_sweep"]
     assert [c["claim"] for c in suite["checks"]]
+    assert suite["gencnp"]["explain_ms_per_image"] == 0.01  # the caller's number is kept
+    assert suite["gencnp"]["explain_ms_per_image_same_run"] > 0  # pathway_fn timed beside the baselines
     json.dumps({"baselines": res["baselines"], "transfer": res["transfer"], "suite": suite})  # JSON-ready
 
 
