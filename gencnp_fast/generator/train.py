@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import distributed as D
 from ..data import ImageData, check_labels
 from ..evaluation.metrics import confidence_metrics, density_stats
 from ..model.reference import capture_units, soft_pathway_forward
@@ -129,7 +130,8 @@ def _atomic_save(obj, path: str) -> None:
 
 def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str] = None,
                  resume: bool = False, quiet: bool = False, log=None,
-                 stop_after: Optional[int] = None) -> Dict[str, object]:
+                 stop_after: Optional[int] = None, checkpoint_every: Optional[int] = None,
+                 stop_after_steps: Optional[int] = None) -> Dict[str, object]:
     """Train ``gen`` on ``train``, validating on ``val`` after every epoch.
 
     Args:
@@ -139,6 +141,13 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
         log: optional ``callable(str)`` for one line per epoch.
         stop_after: stop after this many epochs in total (a time-boxed run; ``resume`` continues it exactly).
+        checkpoint_every: also write ``checkpoint.pt`` every this many steps within an epoch (the position in the
+            epoch, the running sums and the RNG state; ``resume`` continues mid-epoch exactly).
+        stop_after_steps: return right after this many steps in total, writing nothing more (simulates a killed
+            run: ``resume`` restarts from the last checkpoint). The result then has ``"stopped_at_step"``.
+
+    Under ``torchrun`` (:mod:`gencnp_fast.distributed`) every rank trains its slice of each global batch of
+    ``cfg.batch_size`` with the generator in DistributedDataParallel; only rank 0 writes files and logs.
 
     Returns:
         ``{"history": [per-epoch dicts], "best": best epoch's validation metrics, "best_epoch": int}``; ``gen``
@@ -161,9 +170,11 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
     best_path = os.path.join(out_dir, "generator.pt") if out_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    if resume and ckpt_path and os.path.isfile(ckpt_path):
+    dd = D.is_active()
+    partial = None
+    if resume and ckpt_path and (D.broadcast_object(os.path.isfile(ckpt_path)) if dd else os.path.isfile(ckpt_path)):
         try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ck = D.load_on_main(ckpt_path) if dd else torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"could not resume: {ckpt_path} is corrupt ({type(exc).__name__}: {exc})") from None
         if not isinstance(ck, dict) or "generator" not in ck or "optimizer" not in ck:
@@ -175,9 +186,11 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         start_epoch = int(ck["epoch"]) + 1
         history = list(ck["history"])
         best, best_epoch, best_state = ck["best"], int(ck["best_epoch"]), ck["best_state"]
+        partial = ck.get("partial")
         if log:
             log(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
+    model = D.wrap_generator(gen) if dd else None
     soft_epochs = int(round(cfg.soft_fraction * cfg.epochs))
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     for epoch in range(start_epoch, end_epoch):
@@ -189,25 +202,47 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "kd": 0.0, "density": 0.0, "cls": 0.0}
         nb = 0
+        skip = 0
+        if partial is not None and int(partial["epoch"]) == epoch:  # resume mid-epoch
+            skip, sums, nb = int(partial["next_batch"]), dict(partial["sums"]), int(partial["nb"])
+            t0 -= float(partial["train_seconds"])
+            torch.set_rng_state(partial["rng"])
         bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"GEN-CNP epoch {epoch + 1}/{cfg.epochs} ({mode})",
-                   disable=not progress_enabled(quiet), leave=False)
+                   disable=not progress_enabled(quiet) or not D.is_main(), leave=False)
         for b, i in enumerate(bar):
+            if b < skip:
+                continue
             idx = perm[i:i + cfg.batch_size]
             if len(idx) < 2:
                 continue
             step = epoch * steps_per_epoch + b
             sp_scale = min(1.0, (step + 1) / max(1.0, cfg.sp_warmup * total_steps))
-            terms = gencnp_loss(gen, train.x[idx], cfg, mode, sp_scale)
+            if dd:
+                terms = D.sharded_gencnp_loss(model, gen, train.x, idx, cfg, mode, sp_scale)
+            else:
+                terms = gencnp_loss(gen, train.x[idx], cfg, mode, sp_scale)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
+            terms = terms.get("report", terms)
             for k in sums:
                 sums[k] += float(terms[k].detach())
             nb += 1
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", dens=f"{float(terms['density']):.3f}",
                             kd=f"{float(terms['kd']):.3f}")
+            if (checkpoint_every and (b + 1) % checkpoint_every == 0 and i + cfg.batch_size < len(train)
+                    and ckpt_path and D.is_main()):
+                _atomic_save({"generator": gen.checkpoint_state(), "optimizer": opt.state_dict(), "epoch": epoch - 1,
+                              "config": dataclasses.asdict(cfg), "history": history, "best": best,
+                              "best_epoch": best_epoch, "best_state": best_state,
+                              "partial": {"epoch": epoch, "next_batch": b + 1, "sums": dict(sums), "nb": nb,
+                                          "train_seconds": time.perf_counter() - t0,
+                                          "rng": torch.get_rng_state()}}, ckpt_path)
+            if stop_after_steps is not None and step + 1 >= stop_after_steps:
+                D.barrier()
+                return {"history": history, "best": best, "best_epoch": best_epoch, "stopped_at_step": step + 1}
         train_s = time.perf_counter() - t0
-        val_m = validate(gen, val, backend=cfg.backend)
+        val_m = D.validate_sharded(gen, val, backend=cfg.backend) if dd else validate(gen, val, backend=cfg.backend)
         rec = {"epoch": epoch, "mode": mode, **{f"train_{k}": v / max(nb, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val_m.items()}, "temperature": float(gen.daq.temperature.detach()),
                "train_seconds": train_s}
@@ -215,18 +250,19 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         if _is_better(val_m, best, cfg.fidelity_floor):
             best, best_epoch = val_m, epoch
             best_state = {k: v.detach().clone() for k, v in gen.state_dict().items()}
-            if best_path:
+            if best_path and D.is_main():
                 gen.save(best_path)
         if log:
             log(f"epoch {epoch + 1}/{cfg.epochs} [{mode}] loss {rec['train_loss']:.4f} kd {rec['train_kd']:.4f} "
                 f"density {rec['train_density']:.3f} | val fidelity {val_m['fidelity']:.4f} "
                 f"density {val_m['density_mean']:.3f}±{val_m['density_std']:.3f} mDC {val_m['mDC']:.2f} "
                 f"({train_s:.0f}s){' *' if best_epoch == epoch else ''}")
-        if ckpt_path:
+        if ckpt_path and D.is_main():
             _atomic_save({"generator": gen.checkpoint_state(), "optimizer": opt.state_dict(), "epoch": epoch,
                           "config": dataclasses.asdict(cfg), "history": history, "best": best,
                           "best_epoch": best_epoch, "best_state": best_state}, ckpt_path)
     if best_state is not None:
         gen.load_state_dict(best_state)
+    D.barrier()
     gen.eval()
     return {"history": history, "best": best, "best_epoch": best_epoch}

@@ -1,0 +1,445 @@
+"""Multi-process / multi-node GEN-CNP training and evaluation on ``torch.distributed`` (launched with ``torchrun``).
+
+Nothing changes for a single process: every function here is a no-op (or the identity) unless the process was
+started by ``torchrun`` with ``WORLD_SIZE > 1``. Under ``torchrun`` the CLI calls :func:`init_distributed` (backend
+``nccl`` when CUDA is available, each process on ``cuda:LOCAL_RANK``; ``gloo`` on CPU) and then:
+
+**Training** (:func:`gencnp_fast.generator.train_gencnp`). The single-process batch order is kept: in epoch ``e``
+the permutation ``randperm(N, generator seeded (seed·1000003 + e))`` is cut into *global* batches of
+``batch_size``; global batch ``b`` is split into ``world_size`` contiguous slices (``torch.tensor_split``: sizes
+differ by at most one, equal when ``world_size`` divides the batch) and rank ``r`` takes slice ``r``
+(:func:`shard_slice`). Every rank computes the same permutation, so no sampler state is exchanged. The generator is
+wrapped in ``DistributedDataParallel`` (the frozen target is not: it has no trainable parameters; the generator
+has no batch norm, only LayerNorm, so no SyncBatchNorm is needed). The loss equals the single-process loss of the
+global batch:
+
+* per-sample terms (KD faithfulness, mask density, PDN head distillation) are means over the local slice, weighted
+  by ``n_r · world_size / n_global`` so that DDP's gradient average is the global-batch mean also for uneven slices;
+* the batch-coupled class terms (supervised-contrastive on the codes and on the masks) are computed on the *whole*
+  global batch on every rank, from rows all-gathered with ``torch.distributed.nn.functional.all_gather`` (whose
+  backward sums the gradients of all ranks; with DDP's average this is exactly the single-process gradient).
+
+No sample is dropped or padded: a global batch of fewer than 2 samples is skipped, as in one process; a rank whose
+slice is empty (a last batch smaller than the world size) runs its forward on a placeholder row with weight 0 and
+contributes no gathered rows. The parameters after ``k`` steps therefore equal those of one process with the same
+``batch_size`` up to floating-point reassociation. Rank 0 writes ``checkpoint.pt`` / ``generator.pt`` and logs;
+checkpoints hold no world-size-dependent state (the position is the global step), so a run resumes with any
+world size, from an epoch-end or a mid-epoch (``checkpoint_every``) checkpoint.
+
+**Evaluation** (:func:`explain_sharded`, :func:`evaluate_sharded`). The test set is cut into the same batches of
+``batch_size`` as in one process and whole batches are assigned to ranks (contiguous blocks), so every sample's
+logits and pathway are computed in exactly the batch they would be in one process. mDC / mIC / fidelity and the
+accuracy are all-reduced as float64 sums and counts (:func:`~gencnp_fast.evaluation.metrics.confidence_sums`);
+pathways are all-gathered (bool) for the density statistics, and acIOU / inter-class IoU are the exact pairwise
+means over the whole set: each rank computes the IoU of its rows against all rows, and the per-class pair sums and
+counts are all-reduced. Rank 0 runs the evaluation hooks and writes ``metrics.json`` / ``pathways.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    "DistEnv",
+    "env_from_torchrun",
+    "init_distributed",
+    "shutdown",
+    "maybe_distributed",
+    "is_active",
+    "rank",
+    "world_size",
+    "is_main",
+    "device",
+    "barrier",
+    "broadcast_object",
+    "load_on_main",
+    "shard_sizes",
+    "shard_slice",
+    "batch_shard",
+    "wrap_generator",
+    "all_reduce_sum",
+    "gather_rows",
+    "sharded_gencnp_loss",
+    "validate_sharded",
+    "explain_sharded",
+    "evaluate_sharded",
+]
+
+
+@dataclasses.dataclass
+class DistEnv:
+    """What ``torchrun`` told this process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_STATE = {"device": torch.device("cpu"), "group": None, "owned": False}
+
+
+def env_from_torchrun(environ=None) -> DistEnv:
+    """Rank, world size and local rank from ``torchrun``'s environment (defaults: one process)."""
+    e = os.environ if environ is None else environ
+    env = DistEnv(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)))
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"bad torchrun environment: RANK={env.rank}, WORLD_SIZE={env.world_size}")
+    return env
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group of a ``torchrun`` launch (no-op for one process). ``backend``: ``nccl`` when CUDA is
+    available (this process uses ``cuda:LOCAL_RANK``), else ``gloo``. Rendezvous: ``env://`` (torchrun's
+    ``MASTER_ADDR`` / ``MASTER_PORT``)."""
+    env = env_from_torchrun()
+    if not env.distributed:
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+        _STATE["device"] = torch.device("cuda", env.local_rank)
+    else:
+        _STATE["device"] = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        _STATE["owned"] = True
+    # a second group for the loss's all-gathers, so that they never interleave with DDP's gradient all-reduces
+    _STATE["group"] = dist.new_group(backend=backend)
+    return env
+
+
+def shutdown() -> None:
+    """Leave the process group if :func:`init_distributed` created it."""
+    if _STATE["owned"] and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE.update(group=None, owned=False, device=torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def maybe_distributed(backend: Optional[str] = None):
+    """``with maybe_distributed(): ...``: init under ``torchrun`` (WORLD_SIZE > 1), shut down after."""
+    env = init_distributed(backend)
+    try:
+        yield env
+    finally:
+        if env.distributed:
+            shutdown()
+
+
+def is_active() -> bool:
+    """A process group with more than one process is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes files and logs."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` under NCCL, else CPU."""
+    return _STATE["device"] if is_active() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_active():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
+    if not is_active():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def load_on_main(path: str):
+    """``torch.load(path)`` on rank 0, sent to every rank (no shared file system needed); a load error is raised
+    on every rank."""
+    res, err = None, None
+    if is_main():
+        try:
+            res = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # re-raised on every rank below
+            err = exc
+    res, err = broadcast_object((res, err))
+    if err is not None:
+        raise err
+    return res
+
+
+# Sharding --------------------------------------------------------------------------------------------------------
+def shard_sizes(n: int, world: int) -> List[int]:
+    """Sizes of ``torch.tensor_split(range(n), world)``: ``n // world`` each, the first ``n % world`` one more."""
+    return [n // world + (1 if r < n % world else 0) for r in range(world)]
+
+
+def shard_slice(n: int, world: int, r: int) -> slice:
+    """Rank ``r``'s contiguous slice of ``n`` items (see :func:`shard_sizes`)."""
+    sizes = shard_sizes(n, world)
+    start = sum(sizes[:r])
+    return slice(start, start + sizes[r])
+
+
+def batch_shard(n: int, batch_size: int, world: int, r: int) -> List[Tuple[int, int]]:
+    """Rank ``r``'s evaluation batches ``[(start, stop)]``: the batches ``[i, i + batch_size)`` of one process,
+    whole batches dealt out to ranks in contiguous blocks."""
+    starts = list(range(0, n, batch_size))
+    return [(i, min(i + batch_size, n)) for i in starts[shard_slice(len(starts), world, r)]]
+
+
+# Collectives -----------------------------------------------------------------------------------------------------
+def wrap_generator(gen: nn.Module) -> nn.Module:
+    """The generator in ``DistributedDataParallel`` (on this rank's device); its ``forward(features, logits,
+    mode)`` is ``gen.from_features``. The frozen target moves to the device but is not wrapped."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = device()
+    gen.to(dev)
+    gen.target.to(dev)
+    module = _FromFeatures(gen)
+    return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=True)
+
+
+class _FromFeatures(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+
+    def forward(self, features, logits, mode):
+        return self.gen.from_features(features, logits, mode)
+
+
+def all_reduce_sum(values: Sequence[float]) -> List[float]:
+    """Element-wise float64 sum over ranks."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    if is_active():
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _comm_device() -> torch.device:
+    return device() if is_active() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_rows(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False, group=None) -> torch.Tensor:
+    """The rows of every rank concatenated in rank order; rank ``r`` holds ``sizes[r]`` valid rows (its first
+    ``sizes[r]`` rows; more may be there, ignored). Rows are padded to equal size for the gather. ``autograd``:
+    differentiable (the backward sums every rank's gradient into the rows of their owner)."""
+    if not is_active():
+        return t[:sizes[0]]
+    m = max(max(sizes), 1)
+    local = t[:sizes[rank()]]
+    if local.shape[0] < m:
+        local = torch.cat([local, local.new_zeros((m - local.shape[0],) + tuple(t.shape[1:]))])
+    if autograd:
+        from torch.distributed.nn.functional import all_gather
+
+        parts = all_gather(local, group=group if group is not None else dist.group.WORLD)
+    else:
+        dtype = local.dtype
+        if dtype == torch.bool:
+            local = local.to(torch.uint8)
+        local = local.to(_comm_device()).contiguous()
+        parts = [torch.empty_like(local) for _ in sizes]
+        dist.all_gather(parts, local, group=group)
+        parts = [p.to(t.device).to(dtype) for p in parts]
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+# Training --------------------------------------------------------------------------------------------------------
+def sharded_gencnp_loss(model: nn.Module, gen, x_all: torch.Tensor, idx: torch.Tensor, cfg, mode: str,
+                        sp_scale: float = 1.0) -> Dict[str, object]:
+    """This rank's part of :func:`gencnp_loss` on the global batch ``x_all[idx]`` (see the module doc).
+
+    Returns ``{"loss": tensor to backpropagate, "report": {"loss", "kd", "density", "cls"}}`` where the report
+    holds the single-process values of the global batch (all-reduced).
+    """
+    from .generator.pdn import distill_kl, supervised_contrastive
+    from .model.reference import capture_units, soft_pathway_forward
+
+    world, r = world_size(), rank()
+    sizes = shard_sizes(len(idx), world)
+    n_global, n_local = len(idx), sizes[r]
+    sl = shard_slice(len(idx), world, r)
+    local_idx = idx[sl] if n_local > 0 else idx[:1]  # an empty slice runs on a placeholder row, weight 0
+    dev = device()
+    x = x_all[local_idx].to(dev)
+    target = gen.target
+    with torch.no_grad():
+        z, feats = capture_units(target, x)
+    out = model(feats, z, mode)
+    z_m = soft_pathway_forward(target, out.masks, x)
+    kd = distill_kl(z, z_m, cfg.tau)
+    flat = torch.cat([out.masks[n] for n in gen.unit_names], 1)
+    density = flat.mean()
+    y_hat = z.argmax(1)
+    head = distill_kl(z, out.class_logits, cfg.tau)
+    group = _STATE["group"]
+    code_g = gather_rows(out.code, sizes, autograd=True, group=group)
+    flat_g = gather_rows(flat, sizes, autograd=True, group=group)
+    y_g = gather_rows(y_hat, sizes, group=group)
+    contrast = supervised_contrastive(code_g, y_g, cfg.supcon_temperature)
+    contrast = contrast + supervised_contrastive(flat_g, y_g, cfg.supcon_temperature)
+    w = n_local * world / n_global
+    local = kd + cfg.lambda_sp * sp_scale * density + cfg.lambda_cls * head
+    loss = w * local + cfg.lambda_cls * contrast
+    f = n_local / n_global  # this rank's share of the global means
+    with torch.no_grad():
+        rep = all_reduce_sum([f * float(local) + float(cfg.lambda_cls * contrast) / world, f * float(kd),
+                              f * float(density), f * float(head) + float(contrast) / world])
+    report = {k: torch.tensor(v) for k, v in zip(("loss", "kd", "density", "cls"), rep)}
+    return {"loss": loss, "report": report}
+
+
+@torch.no_grad()
+def validate_sharded(gen, data, batch_size: int = 256, backend: str = "auto") -> Dict[str, float]:
+    """:func:`~gencnp_fast.generator.validate` with the batches dealt out to ranks; the same metrics (sums
+    all-reduced, per-sample densities gathered)."""
+    from .evaluation.metrics import confidence_sums, finish_confidence
+
+    was = gen.training
+    gen.eval()
+    _, full, path, flat = _explain_local(gen, data.x, batch_size, backend)
+    gen.train(was)
+    s = confidence_sums(full, path)
+    keys = ("n", "dc_sum", "ic_sum", "agree_sum")
+    tot = dict(zip(keys, all_reduce_sum([s[k] for k in keys])))
+    per_sample = _gather_all(flat.double().mean(1), len(data), batch_size)
+    return {**finish_confidence(tot), "density_mean": float(per_sample.mean()),
+            "density_std": float(per_sample.std(unbiased=False)) if per_sample.numel() > 1 else 0.0}
+
+
+# Evaluation ------------------------------------------------------------------------------------------------------
+def _explain_local(gen, x: torch.Tensor, batch_size: int, backend: str):
+    """This rank's batches: ``(pathway dict, full_logits, path_logits, flat bool)`` (on CPU)."""
+    from .plan import fast_pathway_forward
+
+    dev = device()
+    if next(gen.parameters()).device != dev:
+        gen.to(dev)
+        gen.target.to(dev)
+    names = gen.unit_names
+    masks: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+    full, path = [], []
+    for i, j in batch_shard(len(x), batch_size, world_size(), rank()):
+        xb = x[i:j].to(dev)
+        out = gen(xb, mode="hard")
+        full.append(out.target_logits.cpu())
+        path.append(fast_pathway_forward(gen.target, out.pathway, xb, backend=backend).cpu())
+        for n in names:
+            masks[n].append(out.pathway[n].cpu())
+    ncls = gen.num_classes
+    pw = {n: torch.cat(v) if v else torch.zeros(0, u.channels, dtype=torch.bool)
+          for (n, v), u in zip(masks.items(), gen.units)}
+    full_t = torch.cat(full) if full else torch.zeros(0, ncls)
+    path_t = torch.cat(path) if path else torch.zeros(0, ncls)
+    flat = torch.cat([pw[n] for n in names], 1).bool()
+    return pw, full_t, path_t, flat
+
+
+def _gather_all(t: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """All ranks' rows (from :func:`_explain_local`) in the single-process order."""
+    world = world_size()
+    sizes = [sum(j - i for i, j in batch_shard(n, batch_size, world, r)) for r in range(world)]
+    return gather_rows(t, sizes)
+
+
+@torch.no_grad()
+def explain_sharded(gen, x: torch.Tensor, batch_size: int = 256, backend: str = "auto"):
+    """:func:`~gencnp_fast.explain.explain_batched` over ranks: ``(pathway, full_logits, path_logits)`` of all
+    of ``x`` on every rank (in order), each batch computed by one rank."""
+    from .model.pathway import Pathway
+
+    gen.eval()
+    gen.check_input(x[:1])
+    pw, full, path, _ = _explain_local(gen, x, batch_size, backend)
+    pathway = Pathway({k: _gather_all(v, len(x), batch_size) for k, v in pw.items()},
+                      {u.name: u.channels for u in gen.units})
+    return pathway, _gather_all(full, len(x), batch_size), _gather_all(path, len(x), batch_size)
+
+
+def _class_iou_sharded(flat_all: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, float]:
+    """acIOU / inter-class IoU over all pairs: this rank's rows against all rows, sums all-reduced."""
+    from .evaluation.metrics import iou_matrix
+
+    n = flat_all.shape[0]
+    sl = shard_slice(n, world_size(), rank())
+    rows = torch.arange(n)[sl]
+    labels = labels.long().cpu()
+    iou = iou_matrix(flat_all[sl].cpu(), flat_all.cpu())
+    same = labels[rows][:, None] == labels[None, :]
+    pair_same = same & (rows[:, None] != torch.arange(n)[None, :])
+    intra_sum = torch.zeros(num_classes, dtype=torch.float64)
+    intra_cnt = torch.zeros(num_classes, dtype=torch.float64)
+    intra_sum.index_add_(0, labels[rows], (iou * pair_same).sum(1))
+    intra_cnt.index_add_(0, labels[rows], pair_same.double().sum(1))
+    diff = ~same
+    v = all_reduce_sum(intra_sum.tolist() + intra_cnt.tolist() + [float((iou * diff).sum()),
+                                                                  float(diff.double().sum())])
+    s_sum, s_cnt = torch.tensor(v[:num_classes]), torch.tensor(v[num_classes:2 * num_classes])
+    inter_sum, inter_cnt = v[-2], v[-1]
+    has = s_cnt > 0
+    ac = float((s_sum[has] / s_cnt[has]).mean()) if bool(has.any()) else float("nan")
+    return {"acIOU": ac, "inter_class_iou": inter_sum / inter_cnt if inter_cnt > 0 else float("nan")}
+
+
+@torch.no_grad()
+def evaluate_sharded(target: nn.Module, gen, test, batch_size: int = 256, backend: str = "auto",
+                     timing: bool = True, repeats: int = 5):
+    """:func:`~gencnp_fast.explain.evaluate_gencnp` over ranks (same metrics; see the module doc). Every rank gets
+    the full :class:`~gencnp_fast.explain.ExplainResult`; timing (if asked) is rank 0's batches only."""
+    from .data import check_labels
+    from .evaluation.metrics import confidence_sums, density_stats, finish_confidence
+    from .explain import ExplainResult, time_explain
+    from .model.pathway import Pathway
+
+    gen.eval()
+    gen.check_input(test.x[:1])
+    check_labels(test.y, gen.num_classes, test.name)
+    n = len(test)
+    pw, full, path, _ = _explain_local(gen, test.x, batch_size, backend)
+    lo = batch_shard(n, batch_size, world_size(), rank())
+    y_local = torch.cat([test.y[i:j] for i, j in lo]) if lo else test.y[:0]
+    s = confidence_sums(full, path)
+    keys = ("n", "dc_sum", "ic_sum", "agree_sum")
+    v = all_reduce_sum([s[k] for k in keys] + [float((full.argmax(1) == y_local).double().sum())])
+    tot = dict(zip(keys, v[:4]))
+    pathway = Pathway({k: _gather_all(t, n, batch_size) for k, t in pw.items()},
+                      {u.name: u.channels for u in gen.units})
+    g: Dict[str, object] = dict(finish_confidence(tot))
+    g.update(density_stats(pathway, gen.unit_names))
+    from .evaluation.metrics import flatten_pathway
+
+    g.update(_class_iou_sharded(flatten_pathway(pathway, gen.unit_names), test.y, gen.num_classes))
+    if timing:
+        mine = torch.cat([test.x[i:j] for i, j in lo]) if lo else test.x[:0]
+        t = time_explain(gen, mine.to(device()), batch_size, backend, repeats) if is_main() and len(mine) else None
+        g.update(broadcast_object(t) or {})
+    metrics = {"target": {"accuracy": v[4] / max(tot["n"], 1.0), "n_test": n}, "gencnp": g}
+    full_all, path_all = _gather_all(full, n, batch_size), _gather_all(path, n, batch_size)
+    return ExplainResult(metrics, target, gen, test, pathway, full_all, path_all)
