@@ -35,7 +35,9 @@ DEMO_CONFIGS = {
 
 
 def _log(args, msg: str) -> None:
-    if not getattr(args, "quiet", False):
+    from .distributed import is_main
+
+    if not getattr(args, "quiet", False) and is_main():
         print(msg, flush=True)
 
 
@@ -115,7 +117,8 @@ def _train_generator(args, target, train, out_dir: str, resume: bool, cfg):
     _log(args, f"GEN-CNP: {sum(p.numel() for p in gen.parameters())} parameters, {len(gen.units)} units "
                f"({sum(u.channels for u in gen.units)} channels); {len(tr)} train / {len(val)} validation images")
     res = train_gencnp(gen, tr, val, cfg, out_dir=out_dir, resume=resume, quiet=args.quiet,
-                       log=lambda s: _log(args, "  " + s))
+                       log=lambda s: _log(args, "  " + s), checkpoint_every=getattr(args, "checkpoint_every", None),
+                       stop_after_steps=getattr(args, "stop_after_steps", None))
     return gen, res
 
 
@@ -144,6 +147,9 @@ def cmd_train(args) -> None:
     train, _ = _split(args)
     cfg = _gen_config(args)
     gen, res = _train_generator(args, target, train, args.out, args.resume, cfg)
+    if "stopped_at_step" in res:
+        _log(args, f"stopped after step {res['stopped_at_step']} (resume with --resume)")
+        return
     b = res["best"]
     _log(args, f"best epoch {res['best_epoch'] + 1}: val fidelity {b['fidelity']:.4f}, density "
                f"{b['density_mean']:.3f} -> {os.path.join(args.out, 'generator.pt')}")
@@ -164,10 +170,14 @@ def cmd_explain(args) -> None:
     from .data import check_labels
 
     check_labels(test.y, gen.num_classes, test.name)
-    pathway, _, _ = explain_batched(gen, test.x, args.batch_size_eval)
+    from . import distributed
+
+    explain = distributed.explain_sharded if distributed.is_active() else explain_batched
+    pathway, _, _ = explain(gen, test.x, args.batch_size_eval)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "pathways.pt")
-    save_pathways(out, test.x, test.y, pathway, gen.unit_names)
+    if distributed.is_main():
+        save_pathways(out, test.x, test.y, pathway, gen.unit_names)
     _log(args, f"{len(test)} pathways (density {pathway.density():.3f}) -> {out}")
 
 
@@ -183,7 +193,12 @@ def cmd_evaluate(args) -> None:
         raise ValueError("evaluate needs --generator and --out (or --pathways to recompute a pathways file)")
     gen = _load_generator(args, target)
     _, test = _split(args)
-    res = evaluate_gencnp(target, gen, test, args.batch_size_eval, timing=not args.no_timing)
+    from . import distributed
+
+    evaluate = distributed.evaluate_sharded if distributed.is_active() else evaluate_gencnp
+    res = evaluate(target, gen, test, args.batch_size_eval, timing=not args.no_timing)
+    if not distributed.is_main():
+        return
     run_evaluation_hooks(res)
     write_outputs(args.out, res)
     _log(args, _summary(res.metrics))
@@ -295,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--out", required=True, help="directory for generator.pt (best) and checkpoint.pt (latest)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="also write OUT/checkpoint.pt every STEPS steps within an epoch (resumable mid-epoch)")
+    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     common(g)
     g.set_defaults(func=cmd_train)
 
@@ -318,8 +336,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .model.units import UnsupportedModelError
 
+    from . import distributed
+
+    if distributed.env_from_torchrun().distributed and args.command not in ("train", "evaluate", "explain"):
+        print(f"gencnp {args.command}: error: only train, evaluate and explain run under torchrun "
+              f"(WORLD_SIZE > 1); run {args.command} as one process", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        args.func(args)
+        with distributed.maybe_distributed():
+            args.func(args)
     except (ValueError, FileNotFoundError, TypeError, UnsupportedModelError) as exc:
         print(f"gencnp {args.command}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
