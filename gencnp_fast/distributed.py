@@ -222,7 +222,7 @@ def wrap_generator(gen: nn.Module) -> nn.Module:
     gen.to(dev)
     gen.target.to(dev)
     module = _FromFeatures(gen)
-    return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=True)
+    return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 class _FromFeatures(nn.Module):
@@ -257,9 +257,13 @@ def gather_rows(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False, g
     if local.shape[0] < m:
         local = torch.cat([local, local.new_zeros((m - local.shape[0],) + tuple(t.shape[1:]))])
     if autograd:
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
 
-        parts = all_gather(local, group=group if group is not None else dist.group.WORLD)
+        with warnings.catch_warnings():  # deprecated in favour of a functional collective without this backward
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = all_gather(local, group=group if group is not None else dist.group.WORLD)
     else:
         dtype = local.dtype
         if dtype == torch.bool:
@@ -401,7 +405,8 @@ def _class_iou_sharded(flat_all: torch.Tensor, labels: torch.Tensor, num_classes
     diff = ~same
     v = all_reduce_sum(intra_sum.tolist() + intra_cnt.tolist() + [float((iou * diff).sum()),
                                                                   float(diff.double().sum())])
-    s_sum, s_cnt = torch.tensor(v[:num_classes]), torch.tensor(v[num_classes:2 * num_classes])
+    s_sum = torch.tensor(v[:num_classes], dtype=torch.float64)
+    s_cnt = torch.tensor(v[num_classes:2 * num_classes], dtype=torch.float64)
     inter_sum, inter_cnt = v[-2], v[-1]
     has = s_cnt > 0
     ac = float((s_sum[has] / s_cnt[has]).mean()) if bool(has.any()) else float("nan")
