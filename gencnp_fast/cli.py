@@ -30,7 +30,7 @@ __all__ = ["main", "build_parser", "run_demo", "DEMO_CONFIGS"]
 # The embedded demo's settings. "quick" must finish in under 5 minutes on 2 CPU cores, "full" in under 30.
 DEMO_CONFIGS = {
     "quick": dict(model="mnist_vgg", width=16, target_epochs=4, target_lr=3e-3, epochs=4),
-    "full": dict(model="mnist_vgg", width=16, target_epochs=6, target_lr=3e-3, epochs=8),
+    "full": dict(model="mnist_vgg", width=32, target_epochs=6, target_lr=3e-3, epochs=12),
 }
 
 
