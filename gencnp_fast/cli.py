@@ -182,7 +182,7 @@ def cmd_explain(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .explain import evaluate_gencnp, recompute_metrics, run_evaluation_hooks, write_outputs
+    from .explain import EVALUATION_HOOKS, evaluate_gencnp, recompute_metrics, run_evaluation_hooks, write_outputs
 
     target = _load_target(args)
     if args.pathways:
@@ -192,17 +192,46 @@ def cmd_evaluate(args) -> None:
     if not args.generator or not args.out:
         raise ValueError("evaluate needs --generator and --out (or --pathways to recompute a pathways file)")
     gen = _load_generator(args, target)
-    _, test = _split(args)
+    train, test = _split(args)
     from . import distributed
 
     evaluate = distributed.evaluate_sharded if distributed.is_active() else evaluate_gencnp
     res = evaluate(target, gen, test, args.batch_size_eval, timing=not args.no_timing)
     if not distributed.is_main():
         return
-    run_evaluation_hooks(res)
+    hooks = [] if args.no_suite else [suite_hook(args.out, train, quick=False, quiet=args.quiet)]
+    run_evaluation_hooks(res, hooks=hooks + list(EVALUATION_HOOKS))
     write_outputs(args.out, res)
     _log(args, _summary(res.metrics))
     _log(args, f"-> {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'pathways.pt')}")
+
+
+def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000):
+    """The evaluation suite (baselines, transfer, figures, report.html) as an evaluation hook for ``res``.
+
+    Class pathways are built from GEN-CNP's pathways of (at most ``max_train``) training images; GEN-CNP's explainer
+    is timed beside the baselines, in the same run and batch size.
+    """
+    from .evaluation.suite import run_suite
+
+    def hook(res) -> None:
+        gen = res.generator
+        tr = train.limit(max_train) if train is not None and len(train) > max_train else train
+        gen.eval()
+        with torch.no_grad():  # soft scores give GEN-CNP's curve in the mDC-vs-density figure
+            parts = [gen(xb, mode="hard").scores for xb in res.data.x.split(256)]
+        scores = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+        suite = run_suite(
+            res.target, res.data.x, res.data.y, res.pathway, out_dir,
+            train_x=None if tr is None else tr.x, train_y=None if tr is None else tr.y,
+            gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), gencnp_scores=scores,
+            pathway_fn=lambda _m, x: gen.explain(x), quick=quick, log=None if quiet else print,
+        )
+        res.metrics["baselines"] = suite["baselines"]
+        res.metrics["transfer"] = suite["transfer"]
+        res.metrics["suite"] = suite["suite"]
+
+    return hook
 
 
 def _summary(m: dict) -> str:
@@ -222,7 +251,7 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
     ``over`` overrides :data:`DEMO_CONFIGS` entries and ``limit`` / ``test_limit`` (tests use a tiny run).
     """
     from .data import mnist_split
-    from .explain import evaluate_gencnp, run_evaluation_hooks, write_outputs
+    from .explain import EVALUATION_HOOKS, evaluate_gencnp, run_evaluation_hooks, write_outputs
     from .models import mnist_resnet, mnist_vgg
     from .target import accuracy, save_target, train_target
 
@@ -257,7 +286,11 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
     res = evaluate_gencnp(target, gen, test, timing=conf.get("timing", True))
     res.metrics["demo"] = {"config": "quick" if quick else "full", **{k: v for k, v in conf.items()},
                            "seed": seed}
-    run_evaluation_hooks(res)
+    if conf.get("suite", True):
+        _log(args, f"[4/4] baselines, transfer, report ({time.perf_counter() - t_start:.0f}s)")
+        run_evaluation_hooks(res, hooks=[suite_hook(out_dir, train, quick, quiet)] + list(EVALUATION_HOOKS))
+    else:
+        run_evaluation_hooks(res)
     res.metrics["demo"]["wall_seconds"] = time.perf_counter() - t_start
     write_outputs(out_dir, res)
     _log(args, _summary(res.metrics))
@@ -269,7 +302,7 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
 def cmd_demo(args) -> None:
     run_demo(args.out, quick=args.quick, quiet=args.quiet, seed=args.seed, epochs=args.epochs,
              target_epochs=args.target_epochs, limit=args.limit, test_limit=args.test_limit, width=args.width,
-             model=args.model, timing=False if args.no_timing else None)
+             model=args.model, timing=False if args.no_timing else None, suite=False if args.no_suite else None)
 
 
 # Parser ----------------------------------------------------------------------------------------------------------
@@ -289,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     for hidden in ("--epochs", "--target-epochs", "--limit", "--test-limit", "--width"):
         d.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
     d.add_argument("--no-timing", action="store_true", help=argparse.SUPPRESS)
+    d.add_argument("--no-suite", action="store_true", help="skip baselines, transfer and the report")
     common(d)
     d.set_defaults(func=cmd_demo)
 
@@ -327,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             e.add_argument("--pathways", default=None, help="recompute the metrics of this pathways.pt instead")
             e.add_argument("--no-timing", action="store_true", help="skip the explain-cost timing")
+            e.add_argument("--no-suite", action="store_true", help="skip baselines, transfer and the report")
         common(e)
         e.set_defaults(func=fn)
     return p

@@ -38,6 +38,13 @@ def test_demo_writes_everything(demo_dir):
     assert list(p["pathway"]) == p["units"]
     assert all(p["pathway"][n].dtype == torch.bool and p["pathway"][n].shape[0] == 100 for n in p["units"])
     assert set(m["gencnp"]["density_per_unit"]) == set(p["units"])
+    # the evaluation suite: baselines with GEN-CNP's keys, transfer, and the report
+    assert set(m["baselines"]) == {"cdrp", "neuron_mct", "random"}
+    for b in m["baselines"].values():
+        assert set(b) >= set(m["gencnp"]) - {"dense_ms_per_image", "explain_cost_ratio"}
+    for rule in ("majority", "union", "intersection"):
+        assert set(m["transfer"][rule]) >= {"fidelity", "mDC", "mIC", "density_mean"}
+    assert (demo_dir / "report.html").is_file()
 
 
 def test_metrics_recompute_from_pathways_with_the_reference_forward(demo_dir):
