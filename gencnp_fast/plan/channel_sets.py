@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["ChannelSet", "remap_channels", "conv_groups"]
@@ -58,6 +59,8 @@ class ChannelSet:
             idx = active.unsqueeze(0).expand(batch, k)
             gid = torch.zeros(batch, dtype=torch.int64, device=device)
             return cls(idx, gid, 1, channels, False, torch.full((batch,), k, dtype=torch.int64, device=device))
+        if device.type == "cpu":
+            return cls._from_mask_cpu(mask)
         counts = mask.sum(1)
         k = int(counts.max())
         if int(counts.min()) == channels:
@@ -70,6 +73,26 @@ class ChannelSet:
         idx[:, k] = -1
         gid, ngroups = _row_groups(mask)
         return cls(idx[:, :k].contiguous(), gid, ngroups, channels, False, counts)
+
+    @classmethod
+    def _from_mask_cpu(cls, mask: torch.Tensor) -> "ChannelSet":
+        """``from_mask`` for a per-sample CPU mask with numpy: a handful of vector ops instead of ~20 small torch
+        dispatches (this runs once per unit per call), and exact row grouping by sorting the packed rows."""
+        m = mask.contiguous().numpy()
+        b, c = m.shape
+        counts = m.sum(1)
+        if int(counts.min()) == c:
+            return cls.dense(b, c, mask.device)
+        k = int(counts.max())
+        rows, cols = np.nonzero(m)  # row-major: ascending channels within each sample
+        starts = np.cumsum(counts) - counts
+        idx = np.full((b, k), -1, dtype=np.int32)
+        idx[rows, np.arange(rows.size) - np.repeat(starts, counts)] = cols
+        packed = np.ascontiguousarray(np.packbits(m, axis=1))
+        keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+        uniq, gid = np.unique(keys, return_inverse=True)
+        return cls(torch.from_numpy(idx), torch.from_numpy(gid.astype(np.int64).ravel()), int(uniq.size), c, False,
+                   torch.from_numpy(counts.astype(np.int64)))
 
     def flattened(self, spatial: int) -> "ChannelSet":
         """The set of ``torch.flatten(x, 1)`` features of a ``[B, C, H, W]`` activation with ``H*W = spatial``."""
@@ -155,6 +178,8 @@ def conv_groups(a: ChannelSet, b: ChannelSet, cache: Optional[_GroupCache] = Non
         g = b.gid
     elif b.ngroups == 1:
         g = a.gid
+    elif a.gid.device.type == "cpu":
+        g = torch.from_numpy(np.unique((a.gid * b.ngroups + b.gid).numpy(), return_inverse=True)[1].ravel())
     else:
         g = torch.unique(a.gid * b.ngroups + b.gid, return_inverse=True)[1]
     g = g.to(torch.int32)
