@@ -24,7 +24,7 @@ BATCHES = [1, 16, 64]
 DENSITIES = [1.0, 0.5, 0.25, 0.1]
 SHARING = ["shared", "per_class", "per_sample"]
 BACKENDS = [b for b in available_backends("cpu") if b == "cpu"]
-ROUNDS = {1: 15, 16: 7, 64: 5}
+ROUNDS = {1: 25, 16: 11, 64: 9}
 
 
 @functools.lru_cache(maxsize=None)
