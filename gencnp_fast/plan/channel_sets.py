@@ -76,22 +76,31 @@ class ChannelSet:
 
     @classmethod
     def _from_mask_cpu(cls, mask: torch.Tensor) -> "ChannelSet":
-        """``from_mask`` for a per-sample CPU mask with numpy: a handful of vector ops instead of ~20 small torch
-        dispatches (this runs once per unit per call), and exact row grouping by sorting the packed rows."""
+        """``from_mask`` for a per-sample CPU mask, with numpy: exact row grouping by sorting the packed rows, then
+        compaction of the distinct rows only (a per-class pathway compacts 10 rows, not B). Group ids are numbered
+        by first appearance, so two units with the same partition of the batch get equal ``gid`` arrays."""
         m = mask.contiguous().numpy()
         b, c = m.shape
         counts = m.sum(1)
         if int(counts.min()) == c:
             return cls.dense(b, c, mask.device)
-        k = int(counts.max())
-        rows, cols = np.nonzero(m)  # row-major: ascending channels within each sample
-        starts = np.cumsum(counts) - counts
-        idx = np.full((b, k), -1, dtype=np.int32)
-        idx[rows, np.arange(rows.size) - np.repeat(starts, counts)] = cols
         packed = np.ascontiguousarray(np.packbits(m, axis=1))
         keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
-        uniq, gid = np.unique(keys, return_inverse=True)
-        return cls(torch.from_numpy(idx), torch.from_numpy(gid.astype(np.int64).ravel()), int(uniq.size), c, False,
+        _, first, gid = np.unique(keys, return_index=True, return_inverse=True)
+        gid = gid.ravel()
+        order = np.argsort(first, kind="stable")  # groups in order of first appearance
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        first = first[order]
+        gid = rank[gid]
+        rows_u = m[first]  # [G, C] distinct rows
+        cnt_u = counts[first]
+        k = int(cnt_u.max())
+        rows, cols = np.nonzero(rows_u)  # row-major: ascending channels within each row
+        starts = np.cumsum(cnt_u) - cnt_u
+        idx_u = np.full((first.size, k), -1, dtype=np.int32)
+        idx_u[rows, np.arange(rows.size) - np.repeat(starts, cnt_u)] = cols
+        return cls(torch.from_numpy(idx_u[gid]), torch.from_numpy(gid.astype(np.int64)), int(first.size), c, False,
                    torch.from_numpy(counts.astype(np.int64)))
 
     def flattened(self, spatial: int) -> "ChannelSet":
@@ -177,6 +186,8 @@ def conv_groups(a: ChannelSet, b: ChannelSet, cache: Optional[_GroupCache] = Non
     if a.ngroups == 1:
         g = b.gid
     elif b.ngroups == 1:
+        g = a.gid
+    elif a.ngroups == b.ngroups and torch.equal(a.gid, b.gid):  # the same partition of the batch
         g = a.gid
     elif a.gid.device.type == "cpu":
         g = torch.from_numpy(np.unique((a.gid * b.ngroups + b.gid).numpy(), return_inverse=True)[1].ravel())
