@@ -291,3 +291,16 @@ def test_view_flatten_and_method_relu(backend):
     assert [u.name for u in units] == ["relu", "relu_1"]
     path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0))
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), g.reference_pathway_forward(model, path, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet_basic", "resnet_bottleneck", "handwritten"])
+def test_full_layers_beside_pruned_ones(backend, name):
+    """Every unit kept whole but one: the plan's dense-conv branch (BN folded) next to gathered convs."""
+    model, shape = make(name, 7)
+    x = torch.randn((3,) + shape)
+    units = g.pathway_units(model, x)
+    path = dict(g.Pathway.full(units, 3))
+    path[units[len(units) // 2].name] = g.Pathway.random(units, 0.5, 3)[units[len(units) // 2].name]
+    ref = g.reference_pathway_forward(model, path, x)
+    assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
