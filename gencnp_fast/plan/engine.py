@@ -218,11 +218,11 @@ def fast_pathway_forward(
             return reference_pathway_forward(model, mask, x)
     units = cached_units(model, x)
     masks = normalize_masks(units, mask, x)
+    plan = get_plan(model, x, frozenset(masks))  # compiled (and cached) first: unsupported layers are named here
     with torch.no_grad():
         if all(bool(m.all()) for m in masks.values()):
             # A pathway that keeps every channel is the dense model: nothing to skip, so run the model as it is.
             return model(x)
-        plan = get_plan(model, x, frozenset(masks))
         conv = _CONV_BACKENDS[backend][1]()
         return run_plan(plan, masks, x.contiguous(), conv)
 
