@@ -27,8 +27,8 @@ if [[ $want_test == 1 ]]; then
   if ! command -v chromium >/dev/null 2>&1 && [[ -f .ci/install_chromium.sh ]]; then
     bash .ci/install_chromium.sh || echo "chromium could not be installed: the report rendering test will skip"
   fi
-  $PY -m pip install -q --no-build-isolation -e .
-else
-  $PY -m pip install -q --no-build-isolation .
 fi
+# Editable, so that the extension is built in place and `python -m gencnp_fast` works from this directory too
+# (outside a checkout, `pip install --no-build-isolation .` is the same build).
+$PY -m pip install -q --no-build-isolation -e .
 $PY -c "import gencnp_fast, gencnp_fast.ops as o; print('gencnp_fast', gencnp_fast.__version__, 'kernel:', o.cpu_info())"
