@@ -304,3 +304,19 @@ def test_full_layers_beside_pruned_ones(backend, name):
     path[units[len(units) // 2].name] = g.Pathway.random(units, 0.5, 3)[units[len(units) // 2].name]
     ref = g.reference_pathway_forward(model, path, x)
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dense_capture_matches_hooked_capture(name):
+    """The plan's dense forward gives every unit's output as the hooked forward does."""
+    from gencnp_fast.plan.engine import dense_capture
+
+    model, shape = make(name, 11)
+    x = torch.randn((3,) + shape)
+    ref_logits, ref_feats = g.capture_units(model, x)
+    logits, feats = dense_capture(model, x)
+    assert rel_err(logits, ref_logits) <= 1e-4
+    assert list(feats) == list(ref_feats)
+    for n in feats:
+        assert feats[n].shape == ref_feats[n].shape
+        assert rel_err(feats[n], ref_feats[n]) <= 1e-4, n

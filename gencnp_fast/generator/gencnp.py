@@ -1,7 +1,8 @@
 """``GenCNP``: the pathway generator (DESIGN §3–4) around a frozen target CNN.
 
 ``GenCNP(target, example_input)`` builds RFE → PDN → RPD → DAQ for the target's units. Calling it on a batch ``x``
-runs the target once, densely, capturing every unit's feature map (:func:`capture_units`), and returns a
+runs the target once, densely, capturing every unit's feature map (:func:`~gencnp_fast.plan.engine.dense_capture`: the compiled plan's dense
+forward, BN folded), and returns a
 :class:`GenCNPOutput` with the hard pathway (a :class:`Pathway` of bool ``[B, C]`` masks), the DAQ masks of the
 chosen mode (soft masks in training), the raw scores, the class code and the class head's logits. The target's
 parameters are frozen and are not part of the generator's parameters or state dict.
@@ -16,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..model.pathway import Pathway
-from ..model.reference import cached_units, capture_units
+from ..model.reference import cached_units
+from ..plan.engine import dense_capture
 from ..model.units import Unit
 from .daq import DistanceAwareQuantizer
 from .pdn import PathwayDistillationNetwork
@@ -122,7 +124,7 @@ class GenCNP(nn.Module):
         """
         self.check_input(x)
         with torch.no_grad():
-            logits, feats = capture_units(self.target, x)
+            logits, feats = dense_capture(self.target, x)
         return self.from_features(feats, logits, mode)
 
     def from_features(self, features: Dict[str, torch.Tensor], target_logits: torch.Tensor,

@@ -32,7 +32,8 @@ import torch
 from .. import distributed as D
 from ..data import ImageData, check_labels
 from ..evaluation.metrics import confidence_metrics, density_stats
-from ..model.reference import capture_units, soft_pathway_forward
+from ..model.reference import soft_pathway_forward
+from ..plan.engine import dense_capture
 from ..plan import fast_pathway_forward
 from .gencnp import GenCNP
 from .pdn import distill_kl, supervised_contrastive
@@ -78,7 +79,7 @@ def gencnp_loss(gen: GenCNP, x: torch.Tensor, cfg: TrainConfig, mode: str, sp_sc
     """The training loss on one batch; returns its terms (``loss``, ``kd``, ``density``, ``cls``)."""
     target = gen.target
     with torch.no_grad():
-        z, feats = capture_units(target, x)
+        z, feats = dense_capture(target, x)
     out = gen.from_features(feats, z, mode)
     z_m = soft_pathway_forward(target, out.masks, x)
     kd = distill_kl(z, z_m, cfg.tau)

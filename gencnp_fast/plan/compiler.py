@@ -96,6 +96,7 @@ class Plan:
     set_channels: Dict[SetRef, int]  # channel count of every symbolic set
     units: Dict[str, int]  # unit name -> channels, for the units whose masks this plan reads
     output_dense_shape: Tuple[int, ...]
+    unit_slots: Dict[str, str] = dataclasses.field(default_factory=dict)  # unit name -> value slot of its output
 
 
 def _fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -390,7 +391,8 @@ def compile_plan(model: nn.Module, example: torch.Tensor, masked_units: FrozenSe
     if pending:
         raise UnsupportedModelError(f"internal: conv steps {list(pending)} were never emitted")
     assert input_channels is not None and output_slot is not None
-    return Plan(steps, input_slot, input_channels, output_slot, set_channels, units_read, output_shape)
+    unit_slots = {unit_name[n]: alias.get(n, n) for n in unit_name}
+    return Plan(steps, input_slot, input_channels, output_slot, set_channels, units_read, output_shape, unit_slots)
 
 
 def plan_weights(plan: Plan) -> List[torch.Tensor]:
