@@ -27,6 +27,14 @@ def pytest_addoption(parser):
     parser.addoption("--save-results", default=None, help="write the ratio table to benchmarks/results/NAME.{md,json}")
 
 
+def pytest_configure(config):
+    # Steady-state CPU timings: keep activations in the heap instead of a fresh mmap per tensor (gencnp_fast.runtime).
+    # Every variant of a table runs in this one process, so the setting applies to all of them alike.
+    from gencnp_fast.runtime import maybe_tune_allocator
+
+    maybe_tune_allocator()
+
+
 def record(case: tuple, variant: str, benchmark, **info) -> None:
     """Store a finished benchmark's median (seconds) for the summary table.
 
@@ -58,6 +66,9 @@ def machine() -> Dict[str, object]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from gencnp_fast.runtime import allocator_settings
+
+    info["malloc"] = allocator_settings() or "glibc defaults"
     try:
         from gencnp_fast import ops
 
@@ -105,30 +116,92 @@ def _table(rows) -> str:
     return "\n".join([head, sep] + body)
 
 
+# Explainers (benchmarks/test_bench_explain.py): (model, batch) -> {method: seconds per batch}
+EXPLAIN: Dict[tuple, Dict[str, float]] = {}
+EXPLAIN_METHODS = ["dense", "dense_fwd_bwd", "gencnp", "neuron_mct", "cdrp"]
+
+
+def record_explain(model: str, batch: int, method: str, benchmark, **info) -> None:
+    """Store an explainer benchmark's median (seconds per batch) for the explainer table."""
+    EXPLAIN.setdefault((model, batch), {})[method] = benchmark.stats.stats.median
+    benchmark.extra_info.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+
+
+def _explain_rows() -> List[Dict[str, object]]:
+    rows = []
+    for (model, batch), e in sorted(EXPLAIN.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        nan = float("nan")
+        per_img = {m: 1e3 * e[m] / batch if m in e else nan for m in EXPLAIN_METHODS}
+        row = dict(model=model, batch=batch, **{f"{m}_ms_per_img": per_img[m] for m in EXPLAIN_METHODS})
+        g, d = per_img["gencnp"], per_img["dense"]
+        row["gencnp_vs_cdrp"] = per_img["cdrp"] / g
+        row["gencnp_vs_neuron_mct"] = per_img["neuron_mct"] / g
+        row["gencnp_in_dense_fwds"] = g / d
+        row["cdrp_in_dense_fwds"] = per_img["cdrp"] / d
+        row["fwd_bwd_in_dense_fwds"] = per_img["dense_fwd_bwd"] / d
+        rows.append(row)
+    return rows
+
+
+_EXPLAIN_COLS = [("model", "{}"), ("batch", "{}")] + [(f"{m}_ms_per_img", "{:.3f}") for m in EXPLAIN_METHODS] + [
+    ("gencnp_vs_cdrp", "{:.1f}"), ("gencnp_vs_neuron_mct", "{:.2f}"), ("gencnp_in_dense_fwds", "{:.2f}"),
+    ("cdrp_in_dense_fwds", "{:.1f}"), ("fwd_bwd_in_dense_fwds", "{:.2f}")]
+
+_PATHWAY_LEGEND = ("speedup = reference_ms / fast_ms (dense masked model over fast path, same run); frac_of_ideal = "
+                   "speedup / ideal FLOP ratio; frac_of_bytes_bound = speedup / (dense bytes / pathway bytes); "
+                   "vs_dense = dense_ms / fast_ms. All times are medians.")
+_EXPLAIN_LEGEND = ("Explanation cost per image (medians, one batch per call, same run): dense = the target's forward; "
+                   "dense_fwd_bwd = forward + backward to the input (the work of one CDRP step); gencnp = "
+                   "GenCNP.explain (dense capture + generator); neuron_mct / cdrp = the baselines' binary pathways "
+                   "(CDRP: 30 SGD steps). gencnp_vs_X = X_ms / gencnp_ms; *_in_dense_fwds = cost / dense forward.")
+
+
+def _table(rows, cols=None) -> str:
+    cols = cols or _COLS
+    head = "| " + " | ".join(c for c, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(f.format(r[c]) for c, f in cols) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rows = _rows()
-    if not rows:
+    rows, erows = _rows(), _explain_rows()
+    if not rows and not erows:
         return
     tr = terminalreporter
-    tr.write_sep("=", "pathway forward: speedup over the dense masked reference (medians)")
-    tr.write_line("speedup = reference_ms / fast_ms; frac_of_ideal = speedup / (dense FLOPs / pathway FLOPs); "
-                  "frac_of_bytes_bound = speedup / (dense bytes / pathway bytes); vs_dense = dense_ms / fast_ms")
-    tr.write_line(_table(rows))
+    sections = []
+    if rows:
+        tr.write_sep("=", "pathway forward: speedup over the dense masked reference (medians)")
+        tr.write_line(_PATHWAY_LEGEND)
+        tr.write_line(_table(rows))
+        sections += [_PATHWAY_LEGEND, "", _table(rows), ""]
+    if erows:
+        tr.write_sep("=", "explainers: cost per image (medians)")
+        tr.write_line(_EXPLAIN_LEGEND)
+        tr.write_line(_table(erows, _EXPLAIN_COLS))
+        sections += [_EXPLAIN_LEGEND, "", _table(erows, _EXPLAIN_COLS), ""]
     name = config.getoption("--save-results")
     if name:
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         m = machine()
         cmd = "pytest " + " ".join(config.invocation_params.args)
-        md = [f"# {name}", "", f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items()), "",
-              "speedup = reference_ms / fast_ms (dense masked model over fast path, same run); frac_of_ideal = "
-              "speedup / ideal FLOP ratio; frac_of_bytes_bound = speedup / (dense bytes / pathway bytes); "
-              "vs_dense = dense_ms / fast_ms. All times are medians.", "", _table(rows), ""]
-        (out / f"{name}.md").write_text("\n".join(md))
-        (out / f"{name}.json").write_text(json.dumps({"command": cmd, "machine": m, "rows": rows}, indent=1))
+        md = [f"# {name}", "", f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items()), ""]
+        (out / f"{name}.md").write_text("\n".join(md + sections))
+        data = {"command": cmd, "machine": m}
+        if rows:
+            data["rows"] = rows
+        if erows:
+            data["explain_rows"] = erows
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1))
         tr.write_line(f"saved benchmarks/results/{name}.md and .json")
 
 
 @pytest.fixture
 def record_result():
     return record
+
+
+@pytest.fixture
+def record_explainer():
+    return record_explain

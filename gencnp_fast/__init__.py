@@ -5,6 +5,7 @@ Public API:
     reference_pathway_forward(model, mask, x)  the dense masked model (the oracle)
     fast_pathway_forward(model, mask, x)       the same logits with every pruned channel skipped
     Pathway                                    per-unit channel masks
+    tune_allocator()                           glibc malloc settings for fast CPU inference (process-wide)
 """
 
 from .model import (
@@ -18,6 +19,7 @@ from .model import (
     soft_pathway_forward,
 )
 from .plan import available_backends, fast_pathway_forward, pathway_flops
+from .runtime import tune_allocator
 
 __version__ = "0.1.0"
 
@@ -33,4 +35,5 @@ __all__ = [
     "pathway_units",
     "reference_pathway_forward",
     "soft_pathway_forward",
+    "tune_allocator",
 ]

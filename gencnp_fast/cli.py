@@ -372,7 +372,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .model.units import UnsupportedModelError
 
     from . import distributed
+    from .runtime import maybe_tune_allocator
 
+    maybe_tune_allocator()
     if distributed.env_from_torchrun().distributed and args.command not in ("train", "evaluate", "explain"):
         print(f"gencnp {args.command}: error: only train, evaluate and explain run under torchrun "
               f"(WORLD_SIZE > 1); run {args.command} as one process", file=sys.stderr)
