@@ -1,11 +1,14 @@
 // The Python module gencnp_fast._C. Importing it loads this shared library, which runs the
 // TORCH_LIBRARY registrations in ops.cpp and csrc/cpu/*.cpp, so torch.ops.gencnp_fast.* appear.
-// The ops need no Python bindings; two small helpers are exposed for diagnostics.
+// The ops need no Python bindings; two small helpers are exposed for diagnostics, and compact_masks (host-side
+// mask compaction of the CPU engine, on buffers; see compact_masks.cpp).
 #include <Python.h>
 
 #include <ATen/Parallel.h>
 
 #include <string>
+
+#include "compact_masks.h"
 
 namespace gencnp_fast {
 const char* cpu_kernel_isa();  // csrc/cpu/gathered_conv2d_cpu.cpp
@@ -20,7 +23,65 @@ static PyObject* num_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(static_cast<long>(at::get_num_threads()));
 }
 
+namespace {
+
+// A contiguous buffer of `count` items of `itemsize` bytes, or a Python exception.
+bool get_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t itemsize, Py_ssize_t count, bool writable, const char* name) {
+  if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0)
+    return false;
+  if (view->itemsize != itemsize || view->len < count * itemsize) {
+    PyErr_Format(PyExc_ValueError, "compact_masks: %s must hold %zd items of %zd bytes (got %zd bytes of items of %zd)",
+                 name, count, itemsize, view->len, view->itemsize);
+    PyBuffer_Release(view);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+// compact_masks(mask, B, C, idx, gid, counts) -> (K, ngroups)
+//   mask: 1-byte items [B*C] (read); idx: int32 [B*C], gid/counts: int64 [B] (written).
+static PyObject* compact_masks_py(PyObject*, PyObject* args) {
+  PyObject *mask_o, *idx_o, *gid_o, *counts_o;
+  Py_ssize_t B, C;
+  if (!PyArg_ParseTuple(args, "OnnOOO", &mask_o, &B, &C, &idx_o, &gid_o, &counts_o)) return nullptr;
+  if (B < 0 || C < 0) {
+    PyErr_SetString(PyExc_ValueError, "compact_masks: B and C must be >= 0");
+    return nullptr;
+  }
+  Py_buffer mask, idx, gid, counts;
+  if (!get_buffer(mask_o, &mask, 1, B * C, false, "mask")) return nullptr;
+  if (!get_buffer(idx_o, &idx, 4, B * C, true, "idx")) {
+    PyBuffer_Release(&mask);
+    return nullptr;
+  }
+  if (!get_buffer(gid_o, &gid, 8, B, true, "gid")) {
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&idx);
+    return nullptr;
+  }
+  if (!get_buffer(counts_o, &counts, 8, B, true, "counts")) {
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&idx);
+    PyBuffer_Release(&gid);
+    return nullptr;
+  }
+  gencnp_fast::CompactResult r;
+  Py_BEGIN_ALLOW_THREADS
+  r = gencnp_fast::compact_masks(static_cast<const uint8_t*>(mask.buf), B, C, static_cast<int32_t*>(idx.buf),
+                                 static_cast<int64_t*>(gid.buf), static_cast<int64_t*>(counts.buf));
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&mask);
+  PyBuffer_Release(&idx);
+  PyBuffer_Release(&gid);
+  PyBuffer_Release(&counts);
+  return Py_BuildValue("(LL)", static_cast<long long>(r.k), static_cast<long long>(r.ngroups));
+}
+
 static PyMethodDef methods[] = {
+    {"compact_masks", compact_masks_py, METH_VARARGS,
+     "compact_masks(mask, B, C, idx, gid, counts) -> (K, ngroups): host-side compaction of a [B, C] mask."},
     {"cpu_info", cpu_info, METH_NOARGS, "ISA the CPU kernel was compiled for (e.g. 'avx2+fma')."},
     {"num_threads", num_threads, METH_NOARGS, "at::get_num_threads() as seen by the extension."},
     {nullptr, nullptr, 0, nullptr}};

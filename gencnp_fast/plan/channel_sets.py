@@ -14,6 +14,11 @@ import torch
 
 __all__ = ["ChannelSet", "remap_channels", "conv_groups"]
 
+try:  # the compiled host helper (csrc/compact_masks.cpp); numpy does the same where the extension is missing
+    from .._C import compact_masks as _compact_masks
+except ImportError:  # pragma: no cover - exercised only without a build
+    _compact_masks = None
+
 
 class ChannelSet:
     """Active channels per sample.
@@ -76,6 +81,26 @@ class ChannelSet:
 
     @classmethod
     def _from_mask_cpu(cls, mask: torch.Tensor) -> "ChannelSet":
+        """``from_mask`` for a per-sample CPU mask: one call into the compiled helper ``_C.compact_masks`` (exact row
+        grouping by hash + comparison, each distinct row compacted once; group ids numbered by first appearance, so
+        two units with the same partition of the batch get equal ``gid`` arrays). Same result as
+        :meth:`_from_mask_numpy`, which is used where the extension is not built."""
+        if _compact_masks is None:
+            return cls._from_mask_numpy(mask)
+        m = mask.contiguous()
+        if m.dtype != torch.bool:
+            m = m != 0
+        b, c = m.shape
+        idx = torch.empty(b * c, dtype=torch.int32)
+        gid = torch.empty(b, dtype=torch.int64)
+        counts = torch.empty(b, dtype=torch.int64)
+        k, ngroups = _compact_masks(m.view(torch.uint8).numpy(), b, c, idx.numpy(), gid.numpy(), counts.numpy())
+        if k == c and int(counts.min()) == c:
+            return cls.dense(b, c, mask.device)
+        return cls(idx[: b * k].view(b, k), gid, int(ngroups), c, False, counts)
+
+    @classmethod
+    def _from_mask_numpy(cls, mask: torch.Tensor) -> "ChannelSet":
         """``from_mask`` for a per-sample CPU mask, with numpy: exact row grouping by sorting the packed rows, then
         compaction of the distinct rows only (a per-class pathway compacts 10 rows, not B). Group ids are numbered
         by first appearance, so two units with the same partition of the batch get equal ``gid`` arrays."""
@@ -158,20 +183,25 @@ def remap_channels(x: torch.Tensor, src: ChannelSet, dst: ChannelSet) -> torch.T
     if src is dst or (src.full and dst.full):
         return x
     b = x.shape[0]
+    spatial = tuple(x.shape[2:])
+    if src.width == 0 or dst.width == 0:  # nothing to read (or to write): all zeros
+        return x.new_zeros((b, dst.width) + spatial)
     if src.full:
         take = dst.idx.long()
         fill = take < 0
-        take = take.clamp(min=0)
     else:
         take = src.positions().gather(1, dst.idx.long().clamp(min=0))
-        fill = dst.idx < 0
-        take = torch.where(fill, torch.full_like(take, src.width), take)
-    if not src.full:
-        x = torch.cat([x, x.new_zeros((b, 1) + tuple(x.shape[2:]))], 1)
-    rows = torch.arange(b, device=x.device).unsqueeze(1)
-    out = x[rows, take]
-    if src.full and bool(fill.any()):
-        out = out * (~fill).to(out.dtype).reshape(fill.shape + (1,) * (x.dim() - 2))
+        fill = (dst.idx < 0) | (take >= src.width)  # padding, or a channel src does not hold
+    take = take.clamp(0, src.width - 1)  # one gather copy; the fill positions are zeroed after it
+    if src.ngroups == 1 and dst.ngroups == 1:  # one row for the whole batch: a plain channel gather
+        out = x.index_select(1, take[0])
+        cols = fill[0].nonzero().flatten()
+        if cols.numel():
+            out.index_fill_(1, cols, 0)
+        return out
+    out = x[torch.arange(b, device=x.device).unsqueeze(1), take]
+    if bool(fill.any()):
+        out.mul_((~fill).to(out.dtype).reshape(fill.shape + (1,) * len(spatial)))
     return out
 
 
