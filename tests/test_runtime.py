@@ -16,15 +16,17 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 @glibc
 def test_tune_allocator_applies_and_records():
-    assert gencnp_fast.tune_allocator(64 << 20, 256 << 20) is True
-    assert runtime.allocator_settings() == {"mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
+    assert gencnp_fast.tune_allocator(64 << 20, 256 << 20, reserve_bytes=8 << 20) is True
+    assert runtime.allocator_settings() == {"mmap_threshold": 64 << 20, "trim_threshold": 256 << 20,
+                                            "reserve_bytes": 8 << 20}
     # Torch still allocates and frees correctly afterwards (a block below and one above the threshold).
     for n in (1 << 20, 80 << 20):
         t = torch.ones(n // 4)
         assert float(t.sum()) == n // 4
         del t
     assert runtime.tune_allocator() is True  # idempotent; back to the defaults
-    assert runtime.allocator_settings() == {"mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}
+    assert runtime.allocator_settings() == {"mmap_threshold": 256 << 20, "trim_threshold": 1 << 30,
+                                            "reserve_bytes": 256 << 20}
 
 
 @glibc
@@ -37,7 +39,7 @@ def test_tune_allocator_falls_back_when_glibc_refuses(monkeypatch):
 
     monkeypatch.setattr(runtime, "_mallopt", lambda: fake_mallopt)
     monkeypatch.setattr(runtime, "_settings", {})
-    assert runtime.tune_allocator(256 << 20, 1 << 30) is True
+    assert runtime.tune_allocator(256 << 20, 1 << 30, reserve_bytes=0) is True
     assert calls == [(-3, 256 << 20), (-3, 32 << 20), (-1, 1 << 30)]
     assert runtime.allocator_settings()["mmap_threshold"] == 32 << 20
 
@@ -55,6 +57,14 @@ def test_tune_allocator_rejects_bad_sizes(bad):
         runtime.tune_allocator(mmap_threshold=bad)
     with pytest.raises(ValueError, match="trim_threshold"):
         runtime.tune_allocator(trim_threshold=bad)
+    if not isinstance(bad, int) or isinstance(bad, bool) or bad < 0:
+        with pytest.raises(ValueError, match="reserve_bytes"):
+            runtime.tune_allocator(reserve_bytes=bad)
+
+
+def test_tune_allocator_reserve_must_fit_below_trim_threshold():
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        runtime.tune_allocator(trim_threshold=64 << 20, reserve_bytes=128 << 20)
 
 
 @pytest.mark.parametrize("value,applied", [("0", False), ("off", False), ("1", True), (None, True)])
