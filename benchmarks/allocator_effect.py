@@ -5,7 +5,7 @@ Each case runs in a fresh Python process, so the allocator starts from the same 
 - ``default``: glibc's defaults (activations above the dynamic mmap threshold get a fresh, page-faulted ``mmap``);
 - ``tuned``: :func:`gencnp_fast.tune_allocator` first.
 
-For each it times (median of 15 after one warm-up) a batch-128 ``F.conv2d`` (128→128 channels, 7×7, 3×3 kernel),
+For each it times (median of 15 after one warm-up; three alternating pairs of processes) a batch-128 ``F.conv2d`` (128→128 channels, 7×7, 3×3 kernel),
 the dense ``mnist_vgg`` forward and ``dense_capture`` at batch 128, and prints one line per case.
 
     python benchmarks/allocator_effect.py
@@ -45,7 +45,7 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    for case in ("default", "tuned", "default", "tuned"):
+    for case in ("default", "tuned") * 3:
         res = subprocess.run([sys.executable, "-c", CHILD, case], capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{case:8s} conv2d 128x128x7x7 b128 {r['conv_ms']:6.1f} ms | mnist_vgg b128 forward {r['dense_ms']:6.1f} ms"
