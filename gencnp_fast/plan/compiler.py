@@ -50,6 +50,8 @@ class ConvStep:
     in_shape: Tuple[int, ...] = ()  # per sample, dense
     residual: Optional[Tuple[str, SetRef]] = None  # (slot, its set) added before the ReLU
     dst: str = ""
+    # the conv as one dense linear map of its whole input map, built on first use (engine._small_map_weights)
+    small_map: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
 
 @dataclasses.dataclass
