@@ -5,8 +5,9 @@ Each case runs in a fresh Python process, so the allocator starts from the same 
 - ``default``: glibc's defaults (activations above the dynamic mmap threshold get a fresh, page-faulted ``mmap``);
 - ``tuned``: :func:`gencnp_fast.tune_allocator` first.
 
-For each it times (median of 15 after one warm-up; three alternating pairs of processes) a batch-128 ``F.conv2d`` (128→128 channels, 7×7, 3×3 kernel),
-the dense ``mnist_vgg`` forward and ``dense_capture`` at batch 128, and prints one line per case.
+For each it times (median of 15 after one warm-up; three alternating pairs of processes) a batch-128 ``F.conv2d``
+(128→128 channels, 7×7, 3×3 kernel), the dense ``mnist_vgg`` forward and ``dense_capture`` at batch 128, and prints
+one line per case.
 
     python benchmarks/allocator_effect.py
 """

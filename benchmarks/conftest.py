@@ -111,13 +111,6 @@ _COLS = [("model", "{}"), ("batch", "{}"), ("sharing", "{}"), ("density", "{}"),
          ("frac_of_bytes_bound", "{:.2f}"), ("vs_dense", "{:.2f}")]
 
 
-def _table(rows) -> str:
-    head = "| " + " | ".join(c for c, _ in _COLS) + " |"
-    sep = "|" + "|".join("---" for _ in _COLS) + "|"
-    body = ["| " + " | ".join(f.format(r[c]) for c, f in _COLS) + " |" for r in rows]
-    return "\n".join([head, sep] + body)
-
-
 # Explainers (benchmarks/test_bench_explain.py): (model, batch) -> {method: seconds per batch}
 EXPLAIN: Dict[tuple, Dict[str, float]] = {}
 EXPLAIN_METHODS = ["dense", "dense_fwd_bwd", "gencnp", "neuron_mct", "cdrp"]

@@ -6,7 +6,8 @@ Shapes: the CIFAR VGG-16 3x3 layers at 32/16/8/4/2 (channels 64..512 times the d
 layer (3 -> 64*density), ResNet 1x1 stride-2 downsamples, the Linear head (512*density -> 10).
 "dense" is F.conv2d on a dense [B, Kin, H, W] input with a [Kout, Kin, k, k] weight (the ideal the
 op is compared to); the op runs with one shared mask and with one mask per sample.
-Runs with gencnp_fast.tune_allocator() applied. With --threads 1 times are thread CPU time (robust on a busy machine); otherwise wall clock.
+Runs with gencnp_fast.tune_allocator() applied. With --threads 1 times are thread CPU time (robust
+on a busy machine); otherwise wall clock.
 Every shape is checked against gathered_conv2d_reference before timing. Reports the minimum.
 """
 import argparse

@@ -86,4 +86,4 @@ def test_explain_cost(benchmark, record_explainer, name):
     benchmark.pedantic(lambda: gen.explain(x), setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     record_explainer(name, BATCH, "gencnp", benchmark)
     for k, v in times.items():
-        record_explainer(name, BATCH, k, statistics.median(v[1:]))  # v[0]: the warm-up round
+        record_explainer(name, BATCH, k, statistics.median(v[1 : 1 + ROUNDS]))  # v[0]: the warm-up round

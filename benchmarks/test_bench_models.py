@@ -121,7 +121,7 @@ def test_fast(benchmark, record_result, name, batch, sharing, density, backend):
     extra = {}
     for k, v in paired.items():
         if v:
-            v = v[-len(fast_rounds):]  # drop the warm-up round's setup
+            v = v[1 : 1 + len(fast_rounds)]  # [0]: the warm-up round's setup
             extra[f"paired_{k}"] = statistics.median(v)
             # median over rounds of the per-round ratio: each ratio compares two runs seconds apart
             extra[f"ratio_{k}"] = statistics.median(r / f for r, f in zip(v, fast_rounds))

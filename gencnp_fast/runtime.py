@@ -7,8 +7,8 @@ start, raised dynamically up to 32 MiB only after a large block is freed) with a
 is page-faulted and zeroed by the kernel on first touch and unmapped when it dies. A 128×128×7×7 float32 activation
 is 3 MiB, so a small CNN at batch 128 pays that on every layer. On the 2-core development VM this made the same
 ``F.conv2d`` (batch 128, 128→128 channels, 7×7) take 15–27 ms or 11.7 ms depending only on the allocator's history
-in the process (the README's "CPU allocator" section has the command and figures). :func:`tune_allocator` fixes the threshold
-high and keeps freed memory in the heap, so steady-state forwards reuse warm pages.
+in the process (the README's "CPU allocator" section has the command and figures). :func:`tune_allocator` fixes
+the threshold high and keeps freed memory in the heap, so steady-state forwards reuse warm pages.
 
 Raising the thresholds alone leaves a warm-up: the heap grows page by page over the first few dozen forwards
 (ResNet-18, batch 64: 845 → 480 ms over 15 s). ``reserve_bytes`` pre-faults that much heap once, so the first
