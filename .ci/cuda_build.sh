@@ -36,38 +36,11 @@ else
 fi
 "$PY" -c 'import torch; assert torch.version.cuda, "torch in the venv is a CPU build"; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
-# ---- 2. toolkit
-find_cuda_home() {
-    if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && [ -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
-        echo "$CUDA_HOME"; return
-    fi
-    # The nvcc on PATH may be a wrapper (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`): follow it.
-    local n real
-    n="$(command -v nvcc || true)"
-    if [ -n "$n" ]; then
-        real="$(readlink -f "$n")"
-        if head -c 2 "$real" | grep -q '#!'; then
-            real="$(grep -oE '/[^ "]*/bin/nvcc' "$real" | head -n1 || true)"
-        fi
-        if [ -n "$real" ] && [ -f "$(dirname "$(dirname "$real")")/include/cuda_runtime.h" ]; then
-            dirname "$(dirname "$real")"; return
-        fi
-    fi
-    local d
-    for d in /usr/local/cuda /usr/local/cuda-*; do
-        if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then readlink -f "$d"; return; fi
-    done
-    return 1
-}
-CUDA_HOME="$(find_cuda_home)" || { echo "no CUDA toolkit found (set CUDA_HOME)" >&2; exit 1; }
-export CUDA_HOME
-export PATH="$CUDA_HOME/bin:$PATH"
+# ---- 2. toolkit (CUDA_HOME, PATH, CPATH: scripts/cuda_env.sh)
+# shellcheck disable=SC1091
+. "$REPO/scripts/cuda_env.sh"  # uses $PY
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
-CU13_INC="$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null || true)"
-if [ -n "$CU13_INC" ] && [ -d "$CU13_INC" ]; then
-    export CPATH="$CU13_INC${CPATH:+:$CPATH}"
-fi
 say "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)) TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST CPATH=${CPATH:-}"
 
 # ---- 3. build (CPU + CUDA kernels) against the venv's torch, from a clean copy of the sources (an in-tree

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -27,12 +29,45 @@ def pytest_addoption(parser):
     parser.addoption("--save-results", default=None, help="write the ratio table to benchmarks/results/NAME.{md,json}")
 
 
+_SESSION: Dict[str, object] = {}  # "config" once configured: the snapshot is rewritten after every recorded case
+
+
 def pytest_configure(config):
     # Steady-state CPU timings: keep activations in the heap instead of a fresh mmap per tensor (gencnp_fast.runtime).
     # Every variant of a table runs in this one process, so the setting applies to all of them alike.
     from gencnp_fast.runtime import maybe_tune_allocator
 
     maybe_tune_allocator()
+    _SESSION["config"] = config
+
+
+def run_paired(benchmark, fn: Callable[[], object], baselines: Dict[str, Callable[[], object]], rounds: int,
+               warmup_rounds: int = 1, sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Benchmark ``fn`` with pedantic rounds; before each round, pedantic's untimed setup times every baseline once.
+
+    Returns ``{"paired_<name>": median seconds, "ratio_<name>": median over rounds of baseline / fn}``: each ratio
+    compares two runs seconds apart, which a shared machine's minute-scale drifts cannot tilt. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before each baseline's clock stops; ``fn`` must synchronize itself.
+    """
+    paired: Dict[str, List[float]] = {k: [] for k in baselines}
+
+    def setup():
+        for k, f in baselines.items():
+            t0 = time.perf_counter()
+            f()
+            if sync is not None:
+                sync()
+            paired[k].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    fast_rounds = list(benchmark.stats.stats.data)  # the timed rounds (warm-up rounds are not recorded)
+    extra = {}
+    for k, v in paired.items():
+        v = v[warmup_rounds : warmup_rounds + len(fast_rounds)]  # setup also runs before each warm-up round
+        if v:
+            extra[f"paired_{k}"] = statistics.median(v)
+            extra[f"ratio_{k}"] = statistics.median(r / f for r, f in zip(v, fast_rounds))
+    return extra
 
 
 def record(case: tuple, variant: str, benchmark, **info) -> None:
@@ -45,6 +80,7 @@ def record(case: tuple, variant: str, benchmark, **info) -> None:
     entry[variant] = benchmark.stats.stats.median
     entry.update(info)
     benchmark.extra_info.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+    _save_partial()
 
 
 def machine() -> Dict[str, object]:
@@ -66,6 +102,14 @@ def machine() -> Dict[str, object]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
     from gencnp_fast.runtime import allocator_settings
 
     info["malloc"] = allocator_settings() or "glibc defaults"
@@ -121,6 +165,7 @@ def record_explain(model: str, batch: int, method: str, timing) -> None:
     or a median measured beside it."""
     EXPLAIN.setdefault((model, batch), {})[method] = (
         float(timing) if isinstance(timing, (int, float)) else timing.stats.stats.median)
+    _save_partial()
 
 
 def _explain_rows() -> List[Dict[str, object]]:
@@ -143,10 +188,11 @@ _EXPLAIN_COLS = [("model", "{}"), ("batch", "{}")] + [(f"{m}_ms_per_img", "{:.3f
     ("gencnp_vs_cdrp", "{:.1f}"), ("gencnp_vs_neuron_mct", "{:.2f}"), ("gencnp_in_dense_fwds", "{:.2f}"),
     ("cdrp_in_dense_fwds", "{:.1f}"), ("fwd_bwd_in_dense_fwds", "{:.2f}")]
 
-_PATHWAY_LEGEND = ("reference_ms and (at density 1) dense_ms are paired: timed just before each of the fast path's "
-                   "rounds of the same case. speedup = median over rounds of reference / fast; frac_of_ideal = "
-                   "speedup / ideal FLOP ratio; frac_of_bytes_bound = speedup / (dense bytes / pathway bytes); "
-                   "vs_dense = the same median ratio for the dense model (paired at density 1). Times are medians.")
+_PATHWAY_LEGEND = ("reference_ms and dense_ms are paired where measured so (CPU: dense at density 1; GPU: both at "
+                   "every density): timed just before each of the fast path's rounds of the same case, otherwise "
+                   "the separate dense / reference benchmark. speedup = median over rounds of reference / fast; "
+                   "frac_of_ideal = speedup / ideal FLOP ratio; frac_of_bytes_bound = speedup / (dense bytes / "
+                   "pathway bytes); vs_dense = the same median ratio for the dense model. Times are medians.")
 _EXPLAIN_LEGEND = ("Explanation cost per image (medians of interleaved rounds, one batch per call): dense = the "
                    "target's forward; dense_fwd_bwd = forward + backward to the input (the work of one CDRP step); gencnp = "
                    "GenCNP.explain (dense capture + generator); neuron_mct / cdrp = the baselines' binary pathways "
@@ -161,37 +207,60 @@ def _table(rows, cols=None) -> str:
     return "\n".join([head, sep] + body)
 
 
+def _sections(rows, erows) -> List[str]:
+    sections: List[str] = []
+    if rows:
+        sections += [_PATHWAY_LEGEND, "", _table(rows), ""]
+    if erows:
+        sections += [_EXPLAIN_LEGEND, "", _table(erows, _EXPLAIN_COLS), ""]
+    return sections
+
+
+def _write_snapshot(config, rows, erows, partial: bool = False) -> Optional[Path]:
+    name = config.getoption("--save-results", default=None)
+    if not name or (not rows and not erows):
+        return None
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    m = machine() if "machine" not in _SESSION else _SESSION["machine"]
+    _SESSION["machine"] = m
+    cmd = "pytest " + " ".join(config.invocation_params.args)
+    status = ["", "(partial: written after each case; the run has not finished)"] if partial else []
+    md = [f"# {name}", "", f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items())]
+    (out / f"{name}.md").write_text("\n".join(md + status + [""] + _sections(rows, erows)))
+    data = {"command": cmd, "machine": m, "complete": not partial}
+    if rows:
+        data["rows"] = rows
+    if erows:
+        data["explain_rows"] = erows
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    return out / f"{name}.md"
+
+
+def _save_partial() -> None:
+    """Rewrite the snapshot after every recorded case, so that a run cut short (a time limit on a lent GPU
+    machine) still leaves what it measured."""
+    config = _SESSION.get("config")
+    if config is not None:
+        _write_snapshot(config, _rows(), _explain_rows(), partial=True)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows, erows = _rows(), _explain_rows()
     if not rows and not erows:
         return
     tr = terminalreporter
-    sections = []
     if rows:
         tr.write_sep("=", "pathway forward: speedup over the dense masked reference (medians)")
         tr.write_line(_PATHWAY_LEGEND)
         tr.write_line(_table(rows))
-        sections += [_PATHWAY_LEGEND, "", _table(rows), ""]
     if erows:
         tr.write_sep("=", "explainers: cost per image (medians)")
         tr.write_line(_EXPLAIN_LEGEND)
         tr.write_line(_table(erows, _EXPLAIN_COLS))
-        sections += [_EXPLAIN_LEGEND, "", _table(erows, _EXPLAIN_COLS), ""]
-    name = config.getoption("--save-results")
-    if name:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        m = machine()
-        cmd = "pytest " + " ".join(config.invocation_params.args)
-        md = [f"# {name}", "", f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items()), ""]
-        (out / f"{name}.md").write_text("\n".join(md + sections))
-        data = {"command": cmd, "machine": m}
-        if rows:
-            data["rows"] = rows
-        if erows:
-            data["explain_rows"] = erows
-        (out / f"{name}.json").write_text(json.dumps(data, indent=1))
-        tr.write_line(f"saved benchmarks/results/{name}.md and .json")
+    path = _write_snapshot(config, rows, erows)
+    if path is not None:
+        tr.write_line(f"saved {path.with_suffix('.md')} and .json")
 
 
 @pytest.fixture
@@ -202,3 +271,9 @@ def record_result():
 @pytest.fixture
 def record_explainer():
     return record_explain
+
+
+@pytest.fixture
+def paired():
+    """:func:`run_paired`: benchmark a function with baselines timed between its rounds."""
+    return run_paired

@@ -18,8 +18,6 @@ The table at the end gives GEN-CNP's speedup over each baseline and every cost i
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import pytest
 import torch
@@ -57,7 +55,7 @@ def _fwd_bwd(model, x):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_explain_cost(benchmark, record_explainer, name):
+def test_explain_cost(benchmark, record_explainer, paired, name):
     """GEN-CNP's explain is the benchmarked function; before each of its rounds, pedantic's untimed setup runs and
     times every other method once, so all medians come from interleaved rounds (robust to this machine's drifts)."""
     model, x = target(name), batch_input()
@@ -75,15 +73,7 @@ def test_explain_cost(benchmark, record_explainer, name):
         "neuron_mct": lambda: neuron_mct_pathways(model, x, DENSITY, batch_size=BATCH),
         "cdrp": lambda: cdrp_pathways(model, x, DENSITY, steps=CDRP_STEPS, batch_size=BATCH),
     }
-    times = {k: [] for k in others}
-
-    def setup():
-        for k, fn in others.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-
-    benchmark.pedantic(lambda: gen.explain(x), setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    extra = paired(benchmark, lambda: gen.explain(x), others, rounds=ROUNDS)
     record_explainer(name, BATCH, "gencnp", benchmark)
-    for k, v in times.items():
-        record_explainer(name, BATCH, k, statistics.median(v[1 : 1 + ROUNDS]))  # v[0]: the warm-up round
+    for k in others:
+        record_explainer(name, BATCH, k, extra[f"paired_{k}"])

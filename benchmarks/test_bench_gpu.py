@@ -11,7 +11,11 @@ the bytes-based bound (``gencnp_fast.pathway_flops``), and the time relative to 
     pytest benchmarks/test_bench_gpu.py --benchmark-only [--save-results gpu_h100]
 
 Environment (to cut the matrix): GENCNP_BENCH_MODELS (comma list), GENCNP_BENCH_BATCHES ("1,16"),
-GENCNP_BENCH_DENSITIES, GENCNP_BENCH_SHARING, GENCNP_BENCH_DTYPES ("float32,float16"; default float32).
+GENCNP_BENCH_DENSITIES, GENCNP_BENCH_SHARING, GENCNP_BENCH_DTYPES ("float32,float16"; default float32),
+GENCNP_BENCH_BACKENDS ("cuda,triton"). scripts/gpu_check.sh runs the issue's must-reach cases first.
+
+Every fast-path case also times the dense masked reference and the dense model (cuDNN) between its own rounds
+(conftest.run_paired): the table's speedup and vs_dense are medians of those per-round ratios.
 float32 runs with TF32 off everywhere (cuDNN too): the fast kernels compute in IEEE float32, and the comparison
 is like for like. Every timed function ends with torch.cuda.synchronize(). Every fast-path case is checked against
 the reference before it is timed. All tests skip where there is no GPU.
@@ -44,7 +48,7 @@ BATCHES = _env_list("GENCNP_BENCH_BATCHES", [1, 16, 64, 256], int)
 DENSITIES = _env_list("GENCNP_BENCH_DENSITIES", [1.0, 0.5, 0.25, 0.1], float)
 SHARING = _env_list("GENCNP_BENCH_SHARING", ["shared", "per_class", "per_sample"])
 DTYPES = _env_list("GENCNP_BENCH_DTYPES", ["float32"])
-GPU_BACKENDS = ["cuda", "triton"]
+GPU_BACKENDS = _env_list("GENCNP_BENCH_BACKENDS", ["cuda", "triton"])
 ROUNDS = {1: 30, 16: 20, 64: 10, 256: 5}
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
@@ -136,7 +140,7 @@ def test_gpu_reference(benchmark, record_result, name, batch, dtype):
 @pytest.mark.parametrize("sharing", SHARING)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", MODELS)
-def test_gpu_fast(benchmark, record_result, name, batch, sharing, density, dtype, backend):
+def test_gpu_fast(benchmark, record_result, paired, name, batch, sharing, density, dtype, backend):
     if backend not in available_backends("cuda"):
         pytest.skip(f"backend {backend!r} is not available here (built without CUDA kernels / no triton)")
     model, x = target(name, dtype), batch_input(name, batch, dtype)
@@ -155,6 +159,15 @@ def test_gpu_fast(benchmark, record_result, name, batch, sharing, density, dtype
         sync()
         return y
 
-    run(benchmark, fn, batch)
+    def reference():
+        with torch.no_grad():
+            return g.reference_pathway_forward(model, path, x)
+
+    def dense():
+        with torch.no_grad():
+            return model(x)
+
+    extra = paired(benchmark, fn, {"reference": reference, "dense": dense}, rounds=ROUNDS.get(batch, 5),
+                   warmup_rounds=2, sync=sync)
     record_result((case_model(name, dtype), batch, sharing, density), f"fast:{backend}", benchmark,
-                  ideal_flop_ratio=cost["ideal_flop_ratio"], ideal_bytes_ratio=cost["ideal_bytes_ratio"])
+                  ideal_flop_ratio=cost["ideal_flop_ratio"], ideal_bytes_ratio=cost["ideal_bytes_ratio"], **extra)

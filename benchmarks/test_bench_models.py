@@ -12,8 +12,6 @@ between its own rounds: the table's speedups use those paired medians.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import pytest
 import torch
@@ -91,7 +89,7 @@ def test_reference(benchmark, record_result, name, batch):
 @pytest.mark.parametrize("sharing", SHARING)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", MODELS)
-def test_fast(benchmark, record_result, name, batch, sharing, density, backend):
+def test_fast(benchmark, record_result, paired, name, batch, sharing, density, backend):
     model, x = target(name), batch_input(batch)
     path = pathway(name, batch, sharing, density)
     with torch.no_grad():
@@ -101,29 +99,18 @@ def test_fast(benchmark, record_result, name, batch, sharing, density, backend):
     cost = g.pathway_flops(model, path, x)
     benchmark.group = f"{name} b{batch} {sharing} d{density}"
     # Paired baselines: before every timed round of the fast path, pedantic's (untimed) setup runs the dense masked
-    # reference, and at density 1 the dense model, timed here. The ratios then compare rounds taken seconds apart,
-    # which this shared machine's minute-scale drifts (±30 %) cannot tilt.
-    paired = {"reference": [], "dense": []}
-
-    def setup():
+    # reference, and at density 1 the dense model (conftest.run_paired). The ratios then compare rounds taken
+    # seconds apart, which this shared machine's minute-scale drifts (±30 %) cannot tilt.
+    def reference():
         with torch.no_grad():
-            t0 = time.perf_counter()
-            g.reference_pathway_forward(model, path, x)
-            paired["reference"].append(time.perf_counter() - t0)
-            if density == 1.0:
-                t0 = time.perf_counter()
-                model(x)
-                paired["dense"].append(time.perf_counter() - t0)
+            return g.reference_pathway_forward(model, path, x)
 
-    benchmark.pedantic(lambda: g.fast_pathway_forward(model, path, x, backend=backend), setup=setup,
-                       rounds=ROUNDS[batch], warmup_rounds=1, iterations=1)
-    fast_rounds = list(benchmark.stats.stats.data)  # the timed rounds (the warm-up round is not recorded)
-    extra = {}
-    for k, v in paired.items():
-        if v:
-            v = v[1 : 1 + len(fast_rounds)]  # [0]: the warm-up round's setup
-            extra[f"paired_{k}"] = statistics.median(v)
-            # median over rounds of the per-round ratio: each ratio compares two runs seconds apart
-            extra[f"ratio_{k}"] = statistics.median(r / f for r, f in zip(v, fast_rounds))
+    def dense():
+        with torch.no_grad():
+            return model(x)
+
+    baselines = {"reference": reference, **({"dense": dense} if density == 1.0 else {})}
+    extra = paired(benchmark, lambda: g.fast_pathway_forward(model, path, x, backend=backend), baselines,
+                   rounds=ROUNDS[batch])
     record_result((name, batch, sharing, density), f"fast:{backend}", benchmark,
                   ideal_flop_ratio=cost["ideal_flop_ratio"], ideal_bytes_ratio=cost["ideal_bytes_ratio"], **extra)

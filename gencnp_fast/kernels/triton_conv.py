@@ -28,11 +28,13 @@ outputs is the GEMM
 One launch covers every problem: grid = (M tiles of the largest problem, N tiles of ``Kout``, problems);
 programs outside their problem's ragged ``M``/``N`` return at once, boundary tiles use masks. Accumulation is
 float32 for float32/float16/bfloat16 inputs (float32 dots use IEEE precision, not TF32, so the float32 result
-matches the dense model to ~1e-6). Tile sizes are autotuned on the GPU; under ``TRITON_INTERPRET=1`` (CPU,
-for tests) a single small configuration is used.
+matches the dense model to ~1e-6). Tile sizes are autotuned on the GPU among the candidates that fit the shape
+(``GENCNP_FAST_TRITON_AUTOTUNE=0``: one configuration picked by rule, no timing); under ``TRITON_INTERPRET=1``
+(CPU, for tests) a single small configuration is used.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -41,9 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gathered_conv2d_triton", "INTERPRET"]
+__all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+AUTOTUNE_ENV = "GENCNP_FAST_TRITON_AUTOTUNE"
 
 if INTERPRET:
     # The interpreter runs every program in numpy on the CPU (~3000x slower): one small tile, no tuning.
@@ -66,7 +70,63 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["KOUT", "KIN", "HOWO", "KH", "KW", "MAX_CNT", "DTYPE_KEY"])
+def autotune_enabled() -> bool:
+    """Whether tile sizes are timed per shape on the GPU (the default) or picked by :func:`heuristic_config`.
+
+    ``GENCNP_FAST_TRITON_AUTOTUNE=0`` turns the timing off: no compile and benchmark of every candidate on the
+    first call of each new shape (useful for test suites and short GPU sessions). The interpreter never tunes.
+    """
+    return not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _m_rows(max_cnt: int, howo: int) -> int:
+    return int(max_cnt) * int(howo)
+
+
+def heuristic_config(max_cnt: int, howo: int, kout: int) -> "triton.Config":
+    """One tile configuration from the problem's shape: GEMM rows ``M = largest group x Ho*Wo``, columns ``Kout``.
+
+    Small ``M`` (late 2x2..8x8 layers of a per-sample mask, linear layers) gets 16-row tiles with a long ``BK``;
+    narrow layers 32-column tiles; large maps with wide outputs 128x128 tiles; otherwise 64x64.
+    """
+    if INTERPRET:
+        return _CONFIGS[0]
+    m = _m_rows(max_cnt, howo)
+    if m <= 64:
+        bm, bn, bk, w, s = (16, 64, 64, 4, 3) if kout > 32 else (16, 32, 64, 2, 3)
+    elif kout <= 32:
+        bm, bn, bk, w, s = (64, 32, 32, 4, 4)
+    elif m >= 4096 and kout >= 128:
+        bm, bn, bk, w, s = (128, 128, 32, 8, 3)
+    else:
+        bm, bn, bk, w, s = (64, 64, 32, 4, 4)
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotune only the candidates that fit the shape: row tiles no taller than needed for small ``M``, no
+    16/32-row tiles for large ``M``, no 128-column tiles for narrow layers. Keeps at least one."""
+    m = _m_rows(named_args["MAX_CNT"], named_args["HOWO"])
+    kout = int(named_args["KOUT"])
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BM"], c.kwargs["BN"]
+        if m <= 64 and bm > 32:
+            continue
+        if m >= 1024 and bm < 64:
+            continue
+        if kout <= 64 and bn > 64:
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms of warm-up and 25 ms of repetitions per candidate (Triton's default 25 + 100 ms
+    made the first forward of a model spend seconds per layer shape)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 @triton.jit
 def _gathered_conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
@@ -112,7 +172,9 @@ def _gathered_conv2d_kernel(
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         # Reduction over the group's active input channels x taps; empty when no output column is active.
-        k_total = tl.where(pid_n * BN < n_out, n_in * KK, 0)
+        k_total = n_in * KK
+        if pid_n * BN >= n_out:
+            k_total = 0
         for k0 in range(0, k_total, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < k_total
@@ -145,6 +207,17 @@ def _gathered_conv2d_kernel(
             acc = tl.maximum(acc, 0.0)
         acc = tl.where(n_ok[None, :], acc, 0.0)
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=st_ok)
+
+
+def _autotuned(kernel):
+    kw = dict(configs=_CONFIGS, key=["KOUT", "KIN", "HOWO", "KH", "KW", "MAX_CNT", "DTYPE_KEY"],
+              prune_configs_by={"early_config_prune": _prune_configs})
+    if "do_bench" in inspect.signature(triton.autotune).parameters:  # Triton >= 3.2; older ones time 25 + 100 ms
+        kw["do_bench"] = _quick_bench
+    return triton.autotune(**kw)(kernel)
+
+
+_gathered_conv2d_kernel_tuned = _autotuned(_gathered_conv2d_kernel)
 
 
 IntPair = Union[int, Sequence[int]]
@@ -258,19 +331,25 @@ def gathered_conv2d_triton(
     samples, gstart, gcount, ngroups, max_cnt = _group_table(groups)
     howo = HO * WO
 
-    def grid(meta):
-        return (triton.cdiv(max_cnt * howo, meta["BM"]), triton.cdiv(KOUT, meta["BN"]), ngroups)
-
-    _gathered_conv2d_kernel[grid](
+    args = (
         x, weight, bias_t, res_t, out,
         in_idx, out_idx, n_in, n_out,
         samples, gstart, gcount,
         KIN, KOUT, H, W, HO, WO, howo, C_IN, max_cnt, _DTYPE_KEY[x.dtype],
         sh, sw, ph, pw, dh, dw,
-        KH=KH, KW=KW,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
+    meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+
+    def grid(m):
+        return (triton.cdiv(max_cnt * howo, m["BM"]), triton.cdiv(KOUT, m["BN"]), ngroups)
+
+    if autotune_enabled():
+        _gathered_conv2d_kernel_tuned[grid](*args, **meta)
+    else:
+        cfg = heuristic_config(max_cnt, howo, KOUT)
+        _gathered_conv2d_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                   num_stages=cfg.num_stages)
     return out
 
 
