@@ -90,3 +90,35 @@ CompactResult compact_masks(const uint8_t* mask, int64_t B, int64_t C, int32_t* 
 }
 
 }  // namespace gencnp_fast
+
+namespace gencnp_fast {
+
+// Re-compaction indices (gencnp_fast.plan.channel_sets.remap_index): for every row b and column j of dst,
+// take[b, j] = the column of src's row b that holds channel dst[b, j], keep[b, j] = 1; where dst[b, j] is padding
+// (-1) or a channel src's row does not hold, take = 0 and keep = 0. Rows hold ascending channels then -1 padding.
+// One channel -> column table of C entries, reused across rows: O(B * (Ks + Kd)). Returns the number of zeros.
+int64_t remap_positions(const int32_t* src, const int32_t* dst, int64_t B, int64_t Ks, int64_t Kd, int64_t C,
+                        int64_t* take, uint8_t* keep) {
+  std::vector<int32_t> col(static_cast<size_t>(C), -1);
+  int64_t zeros = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* s = src + b * Ks;
+    const int32_t* d = dst + b * Kd;
+    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j) {
+      if (s[j] < C) col[s[j]] = static_cast<int32_t>(j);
+    }
+    for (int64_t j = 0; j < Kd; ++j) {
+      const int32_t c = d[j];
+      const int32_t p = (c >= 0 && c < C) ? col[c] : -1;
+      take[b * Kd + j] = p >= 0 ? p : 0;
+      keep[b * Kd + j] = p >= 0 ? 1 : 0;
+      zeros += p < 0;
+    }
+    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j) {
+      if (s[j] < C) col[s[j]] = -1;
+    }
+  }
+  return zeros;
+}
+
+}  // namespace gencnp_fast

@@ -14,8 +14,11 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // BN folded, no pre-packing); bias: [C_out] or None; out_idx: int32 [B, Kout];
   // groups: int32 [B] (equal value => identical in_idx/out_idx rows);
   // residual: [B, Kout, Ho, Wo] aligned with out_idx, or None.
+  // problems, max_group (optional): the grouped-problem list of `groups`, precomputed on the host (csrc/problems.h):
+  // int32 [B + 2G] on x's device (samples sorted by group, group starts, group sizes) and the largest group. With
+  // them the CUDA kernel sizes its launch without a device-to-host synchronisation.
   m.def(
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
       "Tensor groups, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool relu) -> Tensor");
+      "bool relu, Tensor? problems=None, int max_group=-1) -> Tensor");
 }

@@ -7,7 +7,7 @@ used by ``torch.compile`` / FakeTensor tracing.
 Op
 --
 ``torch.ops.gencnp_fast.gathered_conv2d(x, in_idx, weight, bias, out_idx, groups, residual,
-stride, padding, dilation, relu) -> Tensor``: a 2-D convolution (groups=1) that only reads the
+stride, padding, dilation, relu, problems=None, max_group=-1) -> Tensor``: a 2-D convolution (groups=1) that only reads the
 active input channels and only computes the active output channels of every sample. See
 :func:`gathered_conv2d` for the contract and :func:`gathered_conv2d_reference` for a plain-torch
 implementation of the same contract (the oracle of the tests, and a slow fallback).
@@ -72,7 +72,7 @@ def cpu_info() -> str:
 # fake (meta) kernel: shapes only
 @torch.library.register_fake("gencnp_fast::gathered_conv2d")
 def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, groups, residual, stride, padding,
-                          dilation, relu):
+                          dilation, relu, problems=None, max_group=-1):
     torch._check(x.dim() == 4, lambda: "gathered_conv2d: x must be [B, Kin, H, W]")
     torch._check(weight.dim() == 4, lambda: "gathered_conv2d: weight must be [C_out, C_in, kh, kw]")
     # float32 everywhere; float16 / bfloat16 on CUDA (the CUDA kernel accumulates them in float32)
@@ -83,6 +83,9 @@ def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, groups, residual, st
     torch._check(out_idx.dtype == torch.int32, lambda: "gathered_conv2d: out_idx must be int32")
     torch._check(groups.dtype == torch.int32, lambda: "gathered_conv2d: groups must be int32")
     B, _, H, W = x.shape
+    if problems is not None:
+        torch._check(problems.dtype == torch.int32 and problems.dim() == 1,
+                     lambda: "gathered_conv2d: problems must be int32 [B + 2G]")
     torch._check(in_idx.dim() == 2 and in_idx.shape[0] == B and in_idx.shape[1] == x.shape[1],
                  lambda: "gathered_conv2d: in_idx must be [B, Kin]")
     torch._check(out_idx.dim() == 2 and out_idx.shape[0] == B,
@@ -109,6 +112,8 @@ def gathered_conv2d(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     relu: bool = False,
+    problems: Optional[torch.Tensor] = None,
+    max_group: int = -1,
 ) -> torch.Tensor:
     """Convolution over compacted (active-only) channels, per sample.
 
@@ -128,6 +133,10 @@ def gathered_conv2d(
             before the activation.
         stride, padding, dilation: as in ``torch.nn.functional.conv2d`` (int or pair).
         relu: apply ReLU after bias + residual.
+        problems, max_group: optional, the grouped-problem list of ``groups`` computed beforehand: int32
+            ``[B + 2G]`` on ``x``'s device (samples sorted by group, start of each group, size of each group;
+            :func:`gencnp_fast.plan.channel_sets.group_table`) and the largest group. The CUDA kernel then sizes
+            its launch without synchronising with the device; the CPU kernel only checks them.
 
     Returns:
         float32 ``[B, Kout, Ho, Wo]`` with
@@ -138,7 +147,7 @@ def gathered_conv2d(
     return torch.ops.gencnp_fast.gathered_conv2d(
         x, in_idx, weight, bias, out_idx, groups, residual,
         list(_pair(stride, "stride")), list(_pair(padding, "padding")),
-        list(_pair(dilation, "dilation")), bool(relu),
+        list(_pair(dilation, "dilation")), bool(relu), problems, int(max_group),
     )
 
 

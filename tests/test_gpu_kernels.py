@@ -390,14 +390,22 @@ def _tiny_models():
     }
 
 
+# CUDA tensors are always planned on the host (engine._Sets); CPU tensors in the interpreter run both ways.
+PLANNING = ["host"] if DEVICE == "cuda" else ["direct", "host"]
+
+
 @kernel_test
+@pytest.mark.parametrize("planning", PLANNING)
 @pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck", "vgg"])
 @pytest.mark.parametrize("sharing,density", [("shared", 0.5), ("per_class", 0.25), ("per_sample", 0.5),
                                              ("per_sample", 1.0), ("per_sample", 0.0)])
-def test_fast_pathway_forward(backend, name, sharing, density):
+def test_fast_pathway_forward(backend, name, sharing, density, planning, monkeypatch):
     import gencnp_fast as g
     from gencnp_fast import models
     from gencnp_fast.kernels import gpu_backends  # noqa: F401  (registers "triton" if the engine has not yet)
+    from gencnp_fast.plan import engine
+
+    monkeypatch.setattr(engine, "FORCE_HOST_PLANNING", planning == "host")
 
     torch.manual_seed(0)
     model = models.randomize_bn(_tiny_models()[name](), torch.Generator().manual_seed(0)).eval().to(DEVICE)

@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../problems.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -450,7 +452,8 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
                                const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
                                const at::Tensor& out_idx_in, const at::Tensor& groups_in,
                                const c10::optional<at::Tensor>& residual_in, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                               const c10::optional<at::Tensor>& problems, int64_t max_group) {
   // ---- checks -------------------------------------------------------------------------
   auto check_cpu = [](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu(), "gathered_conv2d: ", name, " must be a CPU tensor, got ",
@@ -484,6 +487,7 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
   const int64_t Kout = out_idx_in.size(1);
   TORCH_CHECK(groups_in.dim() == 1 && groups_in.size(0) == B, "gathered_conv2d: groups must be [B] = [",
               B, "], got ", groups_in.sizes());
+  check_problems(problems, max_group, B, x_in.device());  // checked only: the CPU kernel groups on the host
   const auto st = expand_param(stride, "stride");
   const auto pd = expand_param(padding, "padding");
   const auto dl = expand_param(dilation, "dilation");

@@ -25,6 +25,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../problems.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -290,7 +292,7 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& in_idx
                                 const c10::optional<at::Tensor>& bias_in, const at::Tensor& out_idx_in,
                                 const at::Tensor& groups_in, const c10::optional<at::Tensor>& residual_in,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                bool relu) {
+                                bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group) {
   TORCH_CHECK(x_in.dim() == 4, "gathered_conv2d: x must be [B, Kin, H, W], got ", x_in.sizes());
   TORCH_CHECK(weight_in.dim() == 4, "gathered_conv2d: weight must be [C_out, C_in, kh, kw], got ",
               weight_in.sizes());
@@ -363,15 +365,28 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& in_idx
   if (bias_in.has_value()) bias = bias_in->contiguous();
   if (residual_in.has_value()) residual = residual_in->contiguous();
 
-  // Grouped problem list: samples sorted by group, start and size of each group.
-  at::Tensor uniq, inverse, counts;
-  std::tie(uniq, inverse, counts) = at::_unique2(groups_in, /*sorted=*/true, /*return_inverse=*/true,
-                                                 /*return_counts=*/true);
-  const at::Tensor samples = std::get<1>(at::sort(inverse.reshape({-1}), /*stable=*/true, 0, false)).to(at::kInt);
-  const at::Tensor gcount = counts.to(at::kInt);
-  const at::Tensor gstart = (at::cumsum(counts, 0) - counts).to(at::kInt);
-  const int64_t ngroups = counts.numel();
-  const int64_t max_cnt = counts.max().item<int64_t>();
+  // Grouped problem list: samples sorted by group, start and size of each group. Planned on the host by the
+  // caller (no synchronisation here), or computed from `groups` (unique + max: two synchronisations).
+  at::Tensor samples, gcount, gstart;
+  int64_t ngroups, max_cnt;
+  const int64_t G = check_problems(problems, max_group, B, dev);
+  if (G >= 0) {
+    const at::Tensor p = problems->contiguous();
+    samples = p.slice(0, 0, B);
+    gstart = p.slice(0, B, B + G);
+    gcount = p.slice(0, B + G, B + 2 * G);
+    ngroups = G;
+    max_cnt = max_group;
+  } else {
+    at::Tensor uniq, inverse, counts;
+    std::tie(uniq, inverse, counts) = at::_unique2(groups_in, /*sorted=*/true, /*return_inverse=*/true,
+                                                   /*return_counts=*/true);
+    samples = std::get<1>(at::sort(inverse.reshape({-1}), /*stable=*/true, 0, false)).to(at::kInt);
+    gcount = counts.to(at::kInt);
+    gstart = (at::cumsum(counts, 0) - counts).to(at::kInt);
+    ngroups = counts.numel();
+    max_cnt = counts.max().item<int64_t>();
+  }
   const at::Tensor n_in = in_idx.ge(0).sum({1}, false, at::kInt);
   const at::Tensor n_out = out_idx.ge(0).sum({1}, false, at::kInt);
 

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plan.channel_sets import cached_group_table
+
 __all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -238,23 +240,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_KEY = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _group_table(groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(samples sorted by group, start of each group, size of each group, #groups, largest group) - cached on the
-    ``groups`` tensor (the engine reuses one groups tensor for every layer with the same pair of channel sets)."""
-    hit = getattr(groups, "_gencnp_triton_groups", None)
-    if hit is not None and hit[0] == groups._version:
-        return hit[1]
-    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
-    samples = torch.sort(inverse, stable=True).indices.to(torch.int32)
-    start = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    table = (samples, start, counts.to(torch.int32), int(counts.numel()), int(counts.max()))
-    try:
-        groups._gencnp_triton_groups = (groups._version, table)
-    except (AttributeError, RuntimeError):  # pragma: no cover - e.g. a tensor subclass without a __dict__
-        pass
-    return table
-
-
 def gathered_conv2d_triton(
     x: torch.Tensor,
     in_idx: torch.Tensor,
@@ -328,7 +313,7 @@ def gathered_conv2d_triton(
     res_t = residual.contiguous() if residual is not None else out  # dummy pointer, never read
     n_in = (in_idx >= 0).sum(1, dtype=torch.int32)
     n_out = (out_idx >= 0).sum(1, dtype=torch.int32)
-    samples, gstart, gcount, ngroups, max_cnt = _group_table(groups)
+    samples, gstart, gcount, ngroups, max_cnt = cached_group_table(groups)
     howo = HO * WO
 
     args = (

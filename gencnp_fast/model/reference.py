@@ -38,12 +38,16 @@ def check_model_and_input(model: nn.Module, x: torch.Tensor) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    for name, m in model.named_modules():
+    stack = [model]
+    while stack:  # a plain walk (this runs on every call); the module is named only when one is in training mode
+        m = stack.pop()
         if m.training:
+            name = next((n for n, mod in model.named_modules() if mod is m), "")
             raise ValueError(
                 f"the model is in training mode (module {name or type(model).__name__!r}); call model.eval() "
                 "first: pathways are defined for eval mode (BatchNorm uses running statistics)"
             )
+        stack.extend(c for c in m._modules.values() if c is not None)
     if x.dim() < 2:
         raise ValueError(f"x must be a batch [B, C, ...], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from ..model.pathway import MaskLike, normalize_masks
 from ..model.units import UnsupportedModelError
 from ..model.reference import cached_units, check_model_and_input, reference_pathway_forward
-from .channel_sets import ChannelSet, conv_groups, remap_channels
+from .channel_sets import (
+    ChannelSet, RemapIndex, apply_remap, attach_group_table, conv_groups, group_table, remap_index,
+)
 from .compiler import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep, SetRef, compile_plan
 
 __all__ = [
@@ -135,25 +137,191 @@ def get_plan(model: nn.Module, x: torch.Tensor, masked: FrozenSet[str]) -> Plan:
     return plan
 
 
+# Run-time index work of a plan on a GPU is planned on the host (see _Sets). Tests set this to plan on the host for
+# CPU tensors too, so that the same code path is checked without a GPU.
+FORCE_HOST_PLANNING = False
+
+
+def masks_to_host(masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The masks on the CPU, in one device-to-host copy (one synchronisation) for all units."""
+    if not masks or all(m.device.type == "cpu" for m in masks.values()):
+        return dict(masks)
+    names = list(masks)
+    flat = torch.cat([masks[n].reshape(-1) for n in names]).cpu()
+    out, off = {}, 0
+    for n in names:
+        k = masks[n].numel()
+        out[n] = flat[off : off + k].view(masks[n].shape)
+        off += k
+    return out
+
+
+class _Pack:
+    """Small host index tensors sent to the device together: one pinned buffer and one asynchronous copy per
+    dtype, then a view per tensor (instead of a synchronising copy each)."""
+
+    def __init__(self):
+        self.parts: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self.handles: List[Tuple[torch.dtype, int, Tuple[int, ...]]] = []
+        self.sizes: Dict[torch.dtype, int] = {}
+        self.views: List[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> int:
+        t = t.contiguous()
+        off = self.sizes.get(t.dtype, 0)
+        self.parts.setdefault(t.dtype, []).append(t.reshape(-1))
+        self.sizes[t.dtype] = off + t.numel()
+        self.handles.append((t.dtype, off, tuple(t.shape)))
+        return len(self.handles) - 1
+
+    def send(self, device: torch.device) -> None:
+        bufs = {}
+        for dtype, parts in self.parts.items():
+            if device.type == "cpu":  # host planning forced on CPU tensors: the tensors are already there
+                bufs[dtype] = torch.cat(parts)
+                continue
+            host = torch.empty(self.sizes[dtype], dtype=dtype, pin_memory=True)
+            torch.cat(parts, out=host)
+            bufs[dtype] = host.to(device, non_blocking=True)
+        self.views = [bufs[d][off : off + _numel(shape)].view(shape) for d, off, shape in self.handles]
+
+    def __getitem__(self, h: int) -> torch.Tensor:
+        return self.views[h]
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class _Sets:
-    """Resolves symbolic channel sets of a plan to :class:`ChannelSet` for one call (memoised)."""
+    """Resolves the symbolic channel sets of a plan to :class:`ChannelSet` for one call (memoised), with the conv
+    groups and re-compaction indices the run needs.
 
-    def __init__(self, plan: Plan, masks: Dict[str, torch.Tensor], batch: int, device):
-        self.plan, self.masks, self.batch, self.device = plan, masks, batch, device
-        self.cache: Dict[SetRef, ChannelSet] = {}
+    Direct mode (CPU tensors): everything is computed on the fly, on the masks' device.
+
+    Host planning (CUDA tensors, or ``FORCE_HOST_PLANNING``): :meth:`prepare` resolves every set, conv group, Triton
+    problem list and re-compaction index of the plan on the host, from one copy of the masks, and sends them to the
+    device in one asynchronous transfer per dtype. The forward then only launches kernels: no device-to-host
+    synchronisation inside it (on a GPU each one would drain the queue and expose every launch's host overhead).
+    """
+
+    def __init__(self, plan: Plan, masks: Dict[str, torch.Tensor], batch: int, device,
+                 host_masks: Optional[Dict[str, torch.Tensor]] = None):
+        self.plan, self.batch, self.device = plan, batch, torch.device(device)
+        self.host_mode = host_masks is not None
+        self.masks = host_masks if self.host_mode else masks
+        self.cache: Dict[SetRef, ChannelSet] = {}  # host sets in host mode
         self.group_cache: Dict = {}
+        self._dev_sets: Dict[SetRef, ChannelSet] = {}
+        self._dev_groups: Dict[Tuple[SetRef, SetRef], torch.Tensor] = {}
+        self._dev_remaps: Dict[Tuple[SetRef, SetRef], RemapIndex] = {}
 
-    def __call__(self, ref: SetRef) -> ChannelSet:
+    def host(self, ref: SetRef) -> ChannelSet:
+        """The set on the masks' device (direct mode) or on the host (host planning)."""
         cs = self.cache.get(ref)
         if cs is None:
+            dev = torch.device("cpu") if self.host_mode else self.device
             if ref[0] == "unit":
                 cs = ChannelSet.from_mask(self.masks[ref[1]], self.batch)
             elif ref[0] == "flat":
-                cs = self(ref[1]).flattened(ref[2])
+                cs = self.host(ref[1]).flattened(ref[2])
             else:
-                cs = ChannelSet.dense(self.batch, self.plan.set_channels[ref], self.device)
+                cs = ChannelSet.dense(self.batch, self.plan.set_channels[ref], dev)
             self.cache[ref] = cs
         return cs
+
+    def __call__(self, ref: SetRef) -> ChannelSet:
+        """The set with its index tensors on the run's device."""
+        if not self.host_mode:
+            return self.host(ref)
+        return self._dev_sets[ref]
+
+    def groups(self, a: SetRef, b: SetRef) -> torch.Tensor:
+        """int32 ``[B]`` group ids for a conv from set ``a`` to set ``b`` (see :func:`conv_groups`)."""
+        if not self.host_mode:
+            return conv_groups(self(a), self(b), self.group_cache)
+        return self._dev_groups[(a, b)]
+
+    def remap(self, x: torch.Tensor, src: SetRef, dst: SetRef) -> torch.Tensor:
+        """``x`` (stored for ``src``) re-compacted to ``dst``."""
+        if not self.host_mode:
+            return apply_remap(x, remap_index(self(src), self(dst)))
+        return apply_remap(x, self._dev_remaps[(src, dst)])
+
+    # ---- host planning
+    def prepare(self) -> None:
+        """Resolve everything the plan's run reads, on the host, and send it to the device (host planning)."""
+        pack = _Pack()
+        sets: Dict[SetRef, Tuple[ChannelSet, Optional[int]]] = {}
+        groups: Dict[Tuple[SetRef, SetRef], Tuple[int, int, int, int]] = {}
+        remaps: Dict[Tuple[SetRef, SetRef], Tuple[RemapIndex, Tuple[Optional[int], ...]]] = {}
+
+        by_partition: Dict[bytes, Tuple[int, int, int, int]] = {}
+
+        def need_set(ref: SetRef) -> None:
+            if ref not in sets:  # the kernels read idx only: group ids and counts stay on the host
+                cs = self.host(ref)  # one mask for the batch: one row is sent, expanded on the device
+                sets[ref] = (cs, None if cs.full else pack.add(cs.idx[:1] if cs.ngroups == 1 else cs.idx))
+
+        def need_groups(a: SetRef, b: SetRef) -> None:
+            if (a, b) in groups:
+                return
+            g = conv_groups(self.host(a), self.host(b), self.group_cache)
+            key = g.numpy().tobytes()  # one device tensor (and problem list) per partition of the batch
+            if key not in by_partition:
+                samples, start, counts, ngroups, max_cnt = group_table(g)
+                by_partition[key] = (pack.add(g), pack.add(torch.cat([samples, start, counts])), ngroups, max_cnt)
+            groups[(a, b)] = by_partition[key]
+
+        def need_remap(src: SetRef, dst: SetRef) -> None:
+            if (src, dst) in remaps:
+                return
+            r = remap_index(self.host(src), self.host(dst))
+            remaps[(src, dst)] = (r, tuple(None if t is None else pack.add(t) for t in (r.take, r.cols, r.keep)))
+
+        for st in self.plan.steps:
+            if isinstance(st, ConvStep):
+                need_set(st.in_set)
+                need_set(st.out_set)
+                if st.residual is not None:
+                    need_remap(st.residual[1], st.out_set)
+                a, b = self.host(st.in_set), self.host(st.out_set)
+                if a.full and b.full:
+                    continue
+                if a.ngroups == 1 and b.ngroups == 1 and small_map_eligible(st):
+                    need_set(("flat", st.in_set, st.in_shape[1] * st.in_shape[2]))
+                    need_set(("flat", st.out_set, st.out_shape[1] * st.out_shape[2]))
+                need_groups(st.in_set, st.out_set)
+            elif isinstance(st, RemapStep):
+                need_set(st.src_set)
+                need_set(st.dst_set)
+                need_remap(st.src_set, st.dst_set)
+                if st.add is not None:
+                    need_set(st.add[1])
+                    need_remap(st.add[1], st.dst_set)
+
+        pack.send(self.device)
+        for ref, (cs, h) in sets.items():
+            if h is None:
+                self._dev_sets[ref] = ChannelSet.dense(self.batch, cs.channels, self.device)
+            else:  # gid / counts are host-side decisions only: the device twin carries None
+                idx = pack[h].expand(self.batch, -1) if cs.ngroups == 1 else pack[h]
+                self._dev_sets[ref] = ChannelSet(idx, None, cs.ngroups, cs.channels, False, None)
+        dev_groups: Dict[int, torch.Tensor] = {}
+        for key, (hg, hp, ngroups, max_cnt) in groups.items():
+            if hg not in dev_groups:
+                g, problems = pack[hg], pack[hp]
+                b = self.batch
+                table = (problems[:b], problems[b : b + ngroups], problems[b + ngroups :], ngroups, max_cnt)
+                attach_group_table(g, table, problems)
+                dev_groups[hg] = g
+            self._dev_groups[key] = dev_groups[hg]
+        for key, (r, hs) in remaps.items():
+            take, cols, keep = (None if h is None else pack[h] for h in hs)
+            self._dev_remaps[key] = RemapIndex(r.kind, r.width, take, cols, keep)
 
 
 def small_map_eligible(st: ConvStep) -> bool:
@@ -201,7 +369,7 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env, sets: _Sets, conv: ConvFn) ->
     residual = None
     if st.residual is not None:
         res_slot, res_set = st.residual
-        residual = remap_channels(env[res_slot], sets(res_set), out_cs)
+        residual = sets.remap(env[res_slot], res_set, st.out_set)
         if st.linear:
             residual = residual.reshape(b, -1, 1, 1)
     if in_cs.full and out_cs.full:
@@ -219,22 +387,31 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env, sets: _Sets, conv: ConvFn) ->
         _, ho, wo = st.out_shape
         pi, po = st.in_shape[1] * st.in_shape[2], ho * wo
         res2 = None if residual is None else residual.reshape(b, -1, 1, 1).contiguous()
-        y = conv(x.reshape(b, -1, 1, 1).contiguous(), in_cs.flattened(pi).idx, w2, b2, out_cs.flattened(po).idx,
-                 conv_groups(in_cs, out_cs, sets.group_cache), res2, [1, 1], [0, 0], [1, 1], st.relu)
+        y = conv(x.reshape(b, -1, 1, 1).contiguous(), sets(("flat", st.in_set, pi)).idx, w2, b2,
+                 sets(("flat", st.out_set, po)).idx, sets.groups(st.in_set, st.out_set), res2, [1, 1], [0, 0],
+                 [1, 1], st.relu)
         y = y.reshape(b, -1, ho, wo)
     else:
-        groups = conv_groups(in_cs, out_cs, sets.group_cache)
-        y = conv(x.contiguous(), in_cs.idx, st.weight, st.bias, out_cs.idx, groups,
+        y = conv(x.contiguous(), in_cs.idx, st.weight, st.bias, out_cs.idx, sets.groups(st.in_set, st.out_set),
                  None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
                  list(st.dilation), st.relu)
     return y.reshape(b, -1) if st.linear else y
 
 
 def run_plan(plan: Plan, masks: Dict[str, torch.Tensor], x: torch.Tensor, conv: Optional[ConvFn],
-             env_out: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-    """Run ``plan``; with ``env_out`` (a dict) every value slot is left in it (for unit outputs)."""
+             env_out: Optional[Dict[str, torch.Tensor]] = None,
+             host_masks: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Run ``plan``; with ``env_out`` (a dict) every value slot is left in it (for unit outputs).
+
+    On a GPU (or with ``FORCE_HOST_PLANNING``) the index work is planned on the host first (:class:`_Sets`), from
+    ``host_masks`` (the masks on the CPU) or one copy of ``masks``.
+    """
     b = x.shape[0]
-    sets = _Sets(plan, masks, b, x.device)
+    if x.device.type != "cpu" or FORCE_HOST_PLANNING:
+        sets = _Sets(plan, masks, b, x.device, masks_to_host(masks) if host_masks is None else host_masks)
+        sets.prepare()
+    else:
+        sets = _Sets(plan, masks, b, x.device)
     env: Dict[str, torch.Tensor] = {plan.input_slot: x}
     for st in plan.steps:
         src = env[st.src]
@@ -248,10 +425,9 @@ def run_plan(plan: Plan, masks: Dict[str, torch.Tensor], x: torch.Tensor, conv: 
         elif isinstance(st, FlattenStep):
             y = src.reshape(b, -1)
         else:  # RemapStep
-            dst = sets(st.dst_set)
-            y = remap_channels(src, sets(st.src_set), dst)
+            y = sets.remap(src, st.src_set, st.dst_set)
             if st.add is not None:
-                y = y + remap_channels(env[st.add[0]], sets(st.add[1]), dst)
+                y = y + sets.remap(env[st.add[0]], st.add[1], st.dst_set)
             if st.relu:
                 y = F.relu(y)
         env[st.dst] = y
@@ -282,12 +458,14 @@ def fast_pathway_forward(
     units = cached_units(model, x)
     masks = normalize_masks(units, mask, x)
     plan = get_plan(model, x, frozenset(masks))  # compiled (and cached) first: unsupported layers are named here
+    # On a GPU the masks come to the host once (one synchronisation); every decision below reads that copy.
+    host_masks = masks_to_host(masks) if (x.device.type != "cpu" or FORCE_HOST_PLANNING) else None
     with torch.no_grad():
-        if all(bool(m.all()) for m in masks.values()):
+        if all(bool(m.all()) for m in (host_masks if host_masks is not None else masks).values()):
             # A pathway that keeps every channel is the dense model: nothing to skip, so run the model as it is.
             return model(x)
         conv = _CONV_BACKENDS[backend][1]()
-        return run_plan(plan, masks, x.contiguous(), conv)
+        return run_plan(plan, masks, x.contiguous(), conv, host_masks=host_masks)
 
 
 def dense_capture(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
