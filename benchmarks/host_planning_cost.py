@@ -2,11 +2,13 @@
 
 On CUDA tensors every channel set, conv group, kernel problem list and re-compaction index of a forward is
 computed on the host before the first launch, then sent to the device in one copy per dtype. That host work is
-the same whatever the GPU, so it is timed here on CPU tensors (``engine.FORCE_HOST_PLANNING``; the device copy is
-then a concatenation). Median of 30 calls after 3 warm-ups, per model, mask sharing and batch, random masks at
+the same whatever the GPU, so it is timed here on CPU tensors (where runs are host-planned too, without the
+device copy). Median of 30 calls after 3 warm-ups, per model, mask sharing and batch, random masks at
 density 0.25 (32x32 inputs: the index work does not depend on the map size).
 
-    python benchmarks/host_planning_cost.py [--models vgg16,resnet50] [--batches 1,64,256]
+    python benchmarks/host_planning_cost.py [--models vgg16,resnet50] [--batches 1,64,256] [--python]
+
+``--python`` times the Python planner (``_Sets.prepare_python``) instead of the compiled one.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vgg16,resnet50,resnet18_cifar")
     ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--python", action="store_true", help="time the Python planner instead of the compiled one")
     args = ap.parse_args()
+    if args.python:
+        E._plan_indices_op = lambda: None
     for name in args.models.split(","):
         model = getattr(models, name)().eval()
         for batch in [int(b) for b in args.batches.split(",")]:

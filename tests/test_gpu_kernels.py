@@ -405,7 +405,7 @@ def test_fast_pathway_forward(backend, name, sharing, density, planning, monkeyp
     from gencnp_fast.kernels import gpu_backends  # noqa: F401  (registers "triton" if the engine has not yet)
     from gencnp_fast.plan import engine
 
-    monkeypatch.setattr(engine, "FORCE_HOST_PLANNING", planning == "host")
+    monkeypatch.setattr(engine, "HOST_PLANNING", planning == "host")
 
     torch.manual_seed(0)
     model = models.randomize_bn(_tiny_models()[name](), torch.Generator().manual_seed(0)).eval().to(DEVICE)

@@ -1,7 +1,9 @@
-"""Host planning of a run (engine._Sets.prepare): on a GPU every channel set, conv group, Triton problem list and
-re-compaction index is computed on the host from one copy of the masks and sent to the device in one transfer, so
-that the forward never synchronises. ``engine.FORCE_HOST_PLANNING`` runs the same path on CPU tensors; here it is
-checked against the direct path (bit for bit: the same kernels read the same indices) and against the reference.
+"""Host planning of a run (engine._Sets.prepare): every channel set, conv group, kernel problem list and
+re-compaction index is computed on the host before the first launch (on a GPU from one copy of the masks, then sent
+in one transfer per dtype, so that the forward never synchronises). It is the default on CPU too, through the
+compiled planner (``gencnp_fast_host::plan_indices``); ``engine.HOST_PLANNING = False`` gives the lazy step-by-step
+path. Both planners (compiled and Python) are checked here against that path, bit for bit (the same kernels read
+the same indices), and against the reference.
 """
 
 from __future__ import annotations
@@ -72,9 +74,13 @@ def _setup(name, batch, sharing, density, seed=0):
     return model, x, units, path
 
 
-@pytest.fixture
-def host_planning(monkeypatch):
-    monkeypatch.setattr(E, "FORCE_HOST_PLANNING", True)
+@pytest.fixture(params=["compiled", "python"])
+def host_planning(request, monkeypatch):
+    """Host planning on, through the compiled planner or the Python one."""
+    monkeypatch.setattr(E, "HOST_PLANNING", True)
+    if request.param == "python":
+        monkeypatch.setattr(E, "_plan_indices_op", lambda: None)
+    return request.param
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,11 +91,20 @@ def test_host_planned_run_equals_direct_run_and_reference(backend, name, sharing
     model, x, _, path = _setup(name, 5, sharing, density)
     with torch.no_grad():
         ref = g.reference_pathway_forward(model, path, x)
+    monkeypatch.setattr(E, "HOST_PLANNING", False)
     direct = g.fast_pathway_forward(model, path, x, backend=backend)
-    monkeypatch.setattr(E, "FORCE_HOST_PLANNING", True)
-    planned = g.fast_pathway_forward(model, path, x, backend=backend)
-    assert torch.equal(planned, direct), "host planning must feed the kernels the same indices"
-    assert rel_err(planned, ref) <= 1e-4
+    monkeypatch.setattr(E, "HOST_PLANNING", True)
+    compiled = g.fast_pathway_forward(model, path, x, backend=backend)
+    monkeypatch.setattr(E, "_plan_indices_op", lambda: None)
+    python = g.fast_pathway_forward(model, path, x, backend=backend)
+    assert torch.equal(compiled, direct), "the compiled planner must feed the kernels the same indices"
+    assert torch.equal(python, direct), "the Python planner must feed the kernels the same indices"
+    assert rel_err(compiled, ref) <= 1e-4
+
+
+def test_default_is_compiled_host_planning_on_cpu():
+    assert E.HOST_PLANNING is None
+    assert E._host_planned(torch.zeros(1)) == (E._plan_indices_op() is not None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,7 +142,7 @@ def test_prepare_resolves_every_conv_group_with_its_problem_list(host_planning):
     masks = normalize_masks(cached_units(model, x), path, x)
     plan = E.get_plan(model, x, frozenset(masks))
     sets = E._Sets(plan, masks, 6, x.device, E.masks_to_host(masks))
-    sets.prepare()
+    sets.prepare()  # compiled or Python planner (the fixture's parameter)
     assert sets._dev_groups, "a pruned run has conv groups"
     for (a, b), grp in sets._dev_groups.items():
         assert torch.equal(grp, CS.conv_groups(sets.host(a), sets.host(b)))
@@ -206,11 +221,12 @@ def test_planned_problem_list_reaches_the_compiled_op(monkeypatch):
     model, x, _, path = _setup("resnet18_cifar", 6, "per_class", 0.4)
     masks = normalize_masks(cached_units(model, x), path, x)
     plan = E.get_plan(model, x, frozenset(masks))
+    monkeypatch.setattr(E, "HOST_PLANNING", False)
     with torch.no_grad():
         direct = E.run_plan(plan, masks, x, with_planned_problems(spy))
         assert seen and set(seen) == {11}, "a direct run plans nothing: the plain call"
         seen.clear()
-        monkeypatch.setattr(E, "FORCE_HOST_PLANNING", True)
+        monkeypatch.setattr(E, "HOST_PLANNING", True)
         planned = E.run_plan(plan, masks, x, with_planned_problems(spy))
     assert seen and set(seen) == {13}
     assert torch.equal(planned, direct)

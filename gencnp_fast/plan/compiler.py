@@ -99,6 +99,7 @@ class Plan:
     units: Dict[str, int]  # unit name -> channels, for the units whose masks this plan reads
     output_dense_shape: Tuple[int, ...]
     unit_slots: Dict[str, str] = dataclasses.field(default_factory=dict)  # unit name -> value slot of its output
+    host_program: object = None  # engine._host_program: what a host-planned run reads (built on first use)
 
 
 def _fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

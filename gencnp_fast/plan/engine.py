@@ -137,9 +137,19 @@ def get_plan(model: nn.Module, x: torch.Tensor, masked: FrozenSet[str]) -> Plan:
     return plan
 
 
-# Run-time index work of a plan on a GPU is planned on the host (see _Sets). Tests set this to plan on the host for
-# CPU tensors too, so that the same code path is checked without a GPU.
-FORCE_HOST_PLANNING = False
+# Where a run's index work is done (see _Sets): None (default) plans it on the host before the first launch, in one
+# compiled call, whenever the extension is built (always on a GPU); False resolves it lazily step by step (CPU
+# tensors only: the reference the tests compare against); True always plans (with the Python planner if the
+# extension is missing).
+HOST_PLANNING: Optional[bool] = None
+
+
+def _host_planned(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return True
+    if HOST_PLANNING is not None:
+        return HOST_PLANNING
+    return _plan_indices_op() is not None
 
 
 def masks_to_host(masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -196,13 +206,100 @@ def _numel(shape: Tuple[int, ...]) -> int:
     return n
 
 
+class _HostProgram:
+    """What a run of a plan reads, as the program of ``gencnp_fast_host::plan_indices`` (built once per plan)."""
+
+    __slots__ = ("program", "set_refs", "set_channels", "mask_names", "group_keys", "remap_keys")
+
+
+def _host_program(plan: Plan) -> _HostProgram:
+    if plan.host_program is not None:
+        return plan.host_program
+    set_id: Dict[SetRef, int] = {}
+    sets: List[Tuple[int, int, int]] = []
+    channels: List[int] = []
+    refs: List[SetRef] = []
+    mask_names: List[str] = []
+    groups: List[Tuple[SetRef, SetRef]] = []
+    remaps: List[Tuple[SetRef, SetRef]] = []
+
+    def sid(ref: SetRef) -> int:
+        i = set_id.get(ref)
+        if i is not None:
+            return i
+        if ref[0] == "unit":
+            entry, ch = (0, len(mask_names), 0), plan.units[ref[1]]
+            mask_names.append(ref[1])
+        elif ref[0] == "flat":
+            base = sid(ref[1])
+            entry, ch = (2, base, ref[2]), channels[base] * ref[2]
+        else:
+            ch = plan.set_channels[ref]
+            entry = (1, ch, 0)
+        set_id[ref] = len(sets)
+        sets.append(entry)
+        channels.append(ch)
+        refs.append(ref)
+        return set_id[ref]
+
+    def need_groups(a: SetRef, b: SetRef) -> None:
+        sid(a), sid(b)
+        if (a, b) not in groups:
+            groups.append((a, b))
+
+    def need_remap(src: SetRef, dst: SetRef) -> None:
+        sid(src), sid(dst)
+        if (src, dst) not in remaps:
+            remaps.append((src, dst))
+
+    for st in plan.steps:  # the same needs as _Sets.prepare_python, taken whatever the masks hold
+        if isinstance(st, ConvStep):
+            need_groups(st.in_set, st.out_set)
+            if st.residual is not None:
+                need_remap(st.residual[1], st.out_set)
+            if small_map_eligible(st):
+                sid(("flat", st.in_set, st.in_shape[1] * st.in_shape[2]))
+                sid(("flat", st.out_set, st.out_shape[1] * st.out_shape[2]))
+        elif isinstance(st, RemapStep):
+            need_remap(st.src_set, st.dst_set)
+            if st.add is not None:
+                need_remap(st.add[1], st.dst_set)
+    program = [len(sets), len(groups), len(remaps)]
+    for e in sets:
+        program.extend(e)
+    for a, b in groups:
+        program.extend((set_id[a], set_id[b]))
+    for a, b in remaps:
+        program.extend((set_id[a], set_id[b]))
+    prog = _HostProgram()
+    prog.program, prog.set_refs, prog.set_channels, prog.mask_names = program, refs, channels, mask_names
+    prog.group_keys, prog.remap_keys = groups, remaps
+    plan.host_program = prog
+    return prog
+
+
+_PLAN_OP: List[object] = []
+
+
+def _plan_indices_op():
+    """``torch.ops.gencnp_fast_host.plan_indices`` (csrc/plan_indices.cpp), or None without the extension."""
+    if not _PLAN_OP:
+        try:
+            from .. import ops  # noqa: F401  (loads gencnp_fast._C)
+
+            _PLAN_OP.append(torch.ops.gencnp_fast_host.plan_indices)
+        except (ImportError, AttributeError, RuntimeError):
+            _PLAN_OP.append(None)
+    return _PLAN_OP[0]
+
+
 class _Sets:
     """Resolves the symbolic channel sets of a plan to :class:`ChannelSet` for one call (memoised), with the conv
     groups and re-compaction indices the run needs.
 
     Direct mode (CPU tensors): everything is computed on the fly, on the masks' device.
 
-    Host planning (CUDA tensors, or ``FORCE_HOST_PLANNING``): :meth:`prepare` resolves every set, conv group, Triton
+    Host planning (the default; see ``HOST_PLANNING``): :meth:`prepare` resolves every set, conv group, Triton
     problem list and re-compaction index of the plan on the host, from one copy of the masks, and sends them to the
     device in one asynchronous transfer per dtype. The forward then only launches kernels: no device-to-host
     synchronisation inside it (on a GPU each one would drain the queue and expose every launch's host overhead).
@@ -253,7 +350,67 @@ class _Sets:
 
     # ---- host planning
     def prepare(self) -> None:
-        """Resolve everything the plan's run reads, on the host, and send it to the device (host planning)."""
+        """Resolve everything the plan's run reads, on the host, and send it to the device (host planning): one
+        call into the extension (``gencnp_fast_host::plan_indices``) where it is built, else :meth:`prepare_python`
+        (the same result, built from the Python channel-set helpers; the tests compare the two)."""
+        if _plan_indices_op() is None:
+            self.prepare_python()
+        else:
+            self.prepare_compiled()
+
+    def prepare_compiled(self) -> None:
+        """:meth:`prepare` through ``gencnp_fast_host::plan_indices``: the program of the plan (which sets, conv
+        groups and re-compactions a run reads; built once per plan) and the masks go in, three buffers (int32,
+        int64, uint8) and their layout come out; each buffer is sent with one asynchronous copy (pinned memory on a
+        GPU) and the run reads views of them."""
+        prog = _host_program(self.plan)
+        b = self.batch
+        masks = []
+        for name in prog.mask_names:
+            m = self.masks[name].contiguous()
+            masks.append(m.view(torch.uint8).reshape(-1, m.shape[-1]) if m.dtype == torch.bool
+                         else (m != 0).view(torch.uint8).reshape(-1, m.shape[-1]))
+        pin = self.device.type == "cuda"
+        i32, i64, u8, meta = _plan_indices_op()(masks, prog.program, b, pin)
+        if self.device.type != "cpu":
+            i32, i64, u8 = (t.to(self.device, non_blocking=True) for t in (i32, i64, u8))
+        meta = meta.tolist()
+        m = 0
+        for ref, channels in zip(prog.set_refs, prog.set_channels):
+            full, k, ngroups, off, rows = meta[m : m + 5]
+            m += 5
+            if full:
+                self._dev_sets[ref] = ChannelSet.dense(b, channels, self.device)
+            else:
+                idx = i32.as_strided((rows, k), (k, 1), off)
+                self._dev_sets[ref] = ChannelSet(idx.expand(b, k) if rows == 1 else idx, None, ngroups, channels,
+                                                 False, None)
+        by_offset: Dict[int, torch.Tensor] = {}
+        for key in prog.group_keys:
+            goff, poff, ngroups, max_cnt = meta[m : m + 4]
+            m += 4
+            g = by_offset.get(goff)
+            if g is None:  # one tensor (and problem list) per partition of the batch
+                g = i32.as_strided((b,), (1,), goff)
+                problems = i32.as_strided((b + 2 * ngroups,), (1,), poff)
+                table = (problems[:b], problems[b : b + ngroups], problems[b + ngroups :], ngroups, max_cnt)
+                attach_group_table(g, table, problems)
+                by_offset[goff] = g
+            self._dev_groups[key] = g
+        kinds = ("same", "zeros", "row", "rows")
+        for key in prog.remap_keys:
+            kind, width, toff, trows, coff, ncols, koff = meta[m : m + 7]
+            m += 7
+            take = cols = keep = None
+            if kind >= 2:
+                take = i64.as_strided((trows, width), (width, 1), toff)
+                take = take[0] if kind == 2 else take
+                cols = i64.as_strided((ncols,), (1,), coff) if ncols else None
+                keep = u8.as_strided((b, width), (width, 1), koff) if koff >= 0 else None
+            self._dev_remaps[key] = RemapIndex(kinds[kind], width, take, cols, keep)
+
+    def prepare_python(self) -> None:
+        """:meth:`prepare` with the Python channel-set helpers (the reference for :meth:`prepare_compiled`)."""
         pack = _Pack()
         sets: Dict[SetRef, Tuple[ChannelSet, Optional[int]]] = {}
         groups: Dict[Tuple[SetRef, SetRef], Tuple[int, int, int, int]] = {}
@@ -403,11 +560,12 @@ def run_plan(plan: Plan, masks: Dict[str, torch.Tensor], x: torch.Tensor, conv: 
              host_masks: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """Run ``plan``; with ``env_out`` (a dict) every value slot is left in it (for unit outputs).
 
-    On a GPU (or with ``FORCE_HOST_PLANNING``) the index work is planned on the host first (:class:`_Sets`), from
-    ``host_masks`` (the masks on the CPU) or one copy of ``masks``.
+    The index work is planned on the host first where ``HOST_PLANNING`` says so (by default: always on a GPU, and on
+    CPU whenever the extension is built; :class:`_Sets`), from ``host_masks`` (the masks on the CPU) or one copy of
+    ``masks``.
     """
     b = x.shape[0]
-    if x.device.type != "cpu" or FORCE_HOST_PLANNING:
+    if _host_planned(x):
         sets = _Sets(plan, masks, b, x.device, masks_to_host(masks) if host_masks is None else host_masks)
         sets.prepare()
     else:
@@ -459,7 +617,7 @@ def fast_pathway_forward(
     masks = normalize_masks(units, mask, x)
     plan = get_plan(model, x, frozenset(masks))  # compiled (and cached) first: unsupported layers are named here
     # On a GPU the masks come to the host once (one synchronisation); every decision below reads that copy.
-    host_masks = masks_to_host(masks) if (x.device.type != "cpu" or FORCE_HOST_PLANNING) else None
+    host_masks = masks_to_host(masks) if _host_planned(x) else None
     with torch.no_grad():
         if all(bool(m.all()) for m in (host_masks if host_masks is not None else masks).values()):
             # A pathway that keeps every channel is the dense model: nothing to skip, so run the model as it is.

@@ -1,0 +1,417 @@
+// Host planning of one run of a plan (gencnp_fast.plan.engine._Sets.prepare_compiled): every channel set, conv
+// group, kernel problem list and re-compaction index a forward reads, computed in one call from the masks.
+//
+// Registered as torch.ops.gencnp_fast_host.plan_indices (host code, one catch-all kernel; its own namespace,
+// since it is planning and not a kernel every device must have):
+//
+//   plan_indices(Tensor[] masks, int[] program, int batch, bool pin) -> (Tensor i32, Tensor i64, Tensor u8, Tensor meta)
+//
+// masks: uint8 [rows, C] each (rows = 1: one mask for the batch, or rows = batch), 0/1.
+// program (int64): [nsets, ngroups, nremaps, then 3 per set, 2 per group request, 2 per remap request]
+//   set    (0, mask index, 0)          a unit's mask
+//          (1, channels, 0)            every channel kept
+//          (2, base set, spatial)      the flattened features of an earlier set (channel c -> c * spatial + s)
+//   group  (set a, set b)              the groups of samples sharing both sets' rows (a conv from a to b)
+//   remap  (src set, dst set)          re-compaction of a tensor stored for src to dst
+// Output buffers (pinned when pin, for one asynchronous copy each):
+//   i32: per non-full set its idx rows (1 row if one group, else `batch` rows) x k, ascending channels then -1;
+//        per distinct partition of the batch its group ids [batch] and problem list [batch + 2G] (samples sorted
+//        by group, group starts, group sizes);
+//   i64: per remap its take (1 or `batch` rows x dst width) and the columns to zero (one-row remaps);
+//   u8:  per many-row remap with zeros its keep mask [batch, dst width].
+// meta (int64): per set (full, k, ngroups, i32 offset, rows); per group request (gid offset, problems offset,
+//   ngroups, largest group); per remap (kind 0 same / 1 zeros / 2 one row / 3 rows, width, take offset,
+//   take rows, cols offset, cols count, keep offset or -1).
+// The semantics are those of channel_sets.ChannelSet.from_mask / flattened, conv_groups, group_table and
+// remap_index; tests/test_host_planning.py checks the two paths give bit-identical forwards.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace gencnp_fast {
+namespace {
+
+struct HostSet {
+  bool full = false;
+  int64_t channels = 0;
+  int64_t k = 0;        // stored channels (idx columns)
+  int64_t ngroups = 1;  // distinct rows over the batch
+  int64_t rows = 1;     // rows of idx: 1 (one group) or batch
+  std::vector<int32_t> idx;    // rows x k
+  std::vector<int64_t> gid;    // batch (empty: all zero)
+  std::vector<int64_t> count;  // rows
+};
+
+uint64_t hash_row(const uint8_t* row, int64_t C) {
+  uint64_t h = 1469598103934665603ull;
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    uint64_t w;
+    std::memcpy(&w, row + c, 8);
+    h = (h ^ w) * 1099511628211ull;
+  }
+  for (; c < C; ++c) h = (h ^ row[c]) * 1099511628211ull;
+  return h;
+}
+
+// The 8 bits of 8 bytes that are each 0 or 1 (byte i -> bit i).
+inline uint32_t bits8(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return static_cast<uint32_t>(((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) & 0xffu;
+}
+
+// For every byte value v, the positions of its set bits (padded with 0) and their count.
+struct BitLut {
+  int32_t pos[256][8];
+  int32_t cnt[256];
+  BitLut() {
+    for (int v = 0; v < 256; ++v) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (v >> b & 1) pos[v][n++] = b;
+      for (int b = n; b < 8; ++b) pos[v][b] = 0;
+      cnt[v] = n;
+    }
+  }
+};
+const BitLut kLut;
+
+// Number of nonzero bytes of a 0/1 row.
+int64_t count_row(const uint8_t* row, int64_t C) {
+  int64_t n = 0, c = 0;
+  for (; c + 8 <= C; c += 8) n += kLut.cnt[bits8(row + c)];
+  for (; c < C; ++c) n += row[c] != 0;
+  return n;
+}
+
+// Ascending positions of the nonzero bytes of a 0/1 row into out (room for count + 8); returns the count.
+int64_t compact_row(const uint8_t* row, int64_t C, int32_t* out) {
+  int64_t j = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {  // 8 channels per step: the byte pattern's positions from a table, 8 stores
+    const uint32_t v = bits8(row + c);
+    const int32_t* p = kLut.pos[v];
+    for (int t = 0; t < 8; ++t) out[j + t] = static_cast<int32_t>(c) + p[t];
+    j += kLut.cnt[v];
+  }
+  for (; c < C; ++c)
+    if (row[c]) out[j++] = static_cast<int32_t>(c);
+  return j;
+}
+
+// Exact grouping of the rows of a [rows, C] 0/1 mask: ids by first appearance (hash, then byte comparison).
+int64_t group_rows(const uint8_t* m, int64_t rows, int64_t C, std::vector<int64_t>& gid,
+                   std::vector<int64_t>& first) {
+  gid.assign(static_cast<size_t>(rows), 0);
+  first.clear();
+  std::unordered_map<uint64_t, int64_t> head;  // hash -> first group with it; next_same: the others
+  head.reserve(static_cast<size_t>(rows) * 2);
+  std::vector<int64_t> next_same;
+  for (int64_t b = 0; b < rows; ++b) {
+    const uint8_t* row = m + b * C;
+    auto ins = head.emplace(hash_row(row, C), -1);
+    int64_t found = -1;
+    for (int64_t g = ins.first->second; g >= 0; g = next_same[g]) {
+      if (std::memcmp(m + first[g] * C, row, static_cast<size_t>(C)) == 0) {
+        found = g;
+        break;
+      }
+    }
+    if (found < 0) {
+      found = static_cast<int64_t>(first.size());
+      first.push_back(b);
+      next_same.push_back(ins.first->second);
+      ins.first->second = found;
+    }
+    gid[b] = found;
+  }
+  return static_cast<int64_t>(first.size());
+}
+
+HostSet unit_set(const at::Tensor& mask, int64_t batch) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu(),
+              "plan_indices: masks must be contiguous uint8 [rows, C] CPU tensors, got ", mask.sizes());
+  const int64_t rows = mask.size(0), C = mask.size(1);
+  TORCH_CHECK(rows == 1 || rows == batch, "plan_indices: a mask has ", rows, " rows, batch is ", batch);
+  const uint8_t* m = mask.data_ptr<uint8_t>();
+  HostSet s;
+  s.channels = C;
+  std::vector<int64_t> gid, first;
+  const int64_t G = rows == 1 ? 1 : group_rows(m, rows, C, gid, first);
+  if (rows == 1) first.assign(1, 0);
+  std::vector<int64_t> cnt(static_cast<size_t>(G));
+  int64_t k = 0, kmin = C;
+  for (int64_t g = 0; g < G; ++g) {
+    cnt[g] = count_row(m + first[g] * C, C);
+    k = std::max(k, cnt[g]);
+    kmin = std::min(kmin, cnt[g]);
+  }
+  if (kmin == C) {  // every row keeps every channel
+    s.full = true;
+    s.k = C;
+    return s;
+  }
+  s.k = k;
+  s.ngroups = G;
+  s.rows = G == 1 ? 1 : batch;
+  s.idx.assign(static_cast<size_t>(s.rows * k + 8), -1);  // + 8: compact_row's last 8-wide store
+  s.count.assign(static_cast<size_t>(s.rows), 0);
+  for (int64_t g = 0; g < G; ++g) {  // compact each distinct row once, straight into its row of idx
+    int32_t* out = s.idx.data() + first[g] * k;
+    const int64_t j = compact_row(m + first[g] * C, C, out);
+    for (int64_t t = j; t < std::min<int64_t>(k, j + 8); ++t) out[t] = -1;  // undo the 8-wide overshoot
+    s.count[first[g]] = j;
+  }
+  if (s.rows > 1) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t r = first[gid[b]];
+      if (r != b) {
+        std::memcpy(s.idx.data() + b * k, s.idx.data() + r * k, static_cast<size_t>(k) * sizeof(int32_t));
+        s.count[b] = s.count[r];
+      }
+    }
+    s.gid = std::move(gid);
+  }
+  return s;
+}
+
+HostSet flat_set(const HostSet& base, int64_t spatial) {
+  if (spatial == 1) return base;
+  HostSet s;
+  s.channels = base.channels * spatial;
+  if (base.full) {
+    s.full = true;
+    s.k = s.channels;
+    return s;
+  }
+  s.k = base.k * spatial;
+  s.ngroups = base.ngroups;
+  s.rows = base.rows;
+  s.gid = base.gid;
+  s.idx.resize(static_cast<size_t>(s.rows * s.k));
+  s.count.resize(static_cast<size_t>(s.rows));
+  for (int64_t r = 0; r < s.rows; ++r) {
+    for (int64_t j = 0; j < base.k; ++j) {
+      const int32_t c = base.idx[r * base.k + j];
+      for (int64_t t = 0; t < spatial; ++t)
+        s.idx[(r * base.k + j) * spatial + t] = c < 0 ? -1 : static_cast<int32_t>(c * spatial + t);
+    }
+    s.count[r] = base.count[r] * spatial;
+  }
+  return s;
+}
+
+int64_t gid_of(const HostSet& s, int64_t b) { return s.gid.empty() ? 0 : s.gid[b]; }
+
+// Row of sample b in a set's idx (rows 1: the shared row).
+const int32_t* row_of(const HostSet& s, int64_t b) { return s.idx.data() + (s.rows == 1 ? 0 : b) * s.k; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_indices(const std::vector<at::Tensor>& masks,
+                                                                        at::IntArrayRef program, int64_t batch,
+                                                                        bool pin) {
+  TORCH_CHECK(batch >= 1, "plan_indices: batch must be >= 1");
+  TORCH_CHECK(program.size() >= 3, "plan_indices: program too short");
+  const int64_t nsets = program[0], ngr = program[1], nrm = program[2];
+  TORCH_CHECK(nsets >= 0 && ngr >= 0 && nrm >= 0 &&
+                  static_cast<int64_t>(program.size()) == 3 + 3 * nsets + 2 * ngr + 2 * nrm,
+              "plan_indices: program has ", program.size(), " entries for ", nsets, " sets, ", ngr, " groups and ",
+              nrm, " remaps");
+  const int64_t* p = program.data() + 3;
+
+  // ---- sets
+  std::vector<HostSet> sets(static_cast<size_t>(nsets));
+  for (int64_t i = 0; i < nsets; ++i, p += 3) {
+    if (p[0] == 0) {
+      TORCH_CHECK(p[1] >= 0 && p[1] < static_cast<int64_t>(masks.size()), "plan_indices: bad mask index ", p[1]);
+      sets[i] = unit_set(masks[p[1]], batch);
+    } else if (p[0] == 1) {
+      sets[i].full = true;
+      sets[i].channels = sets[i].k = p[1];
+    } else {
+      TORCH_CHECK(p[0] == 2 && p[1] >= 0 && p[1] < i && p[2] >= 1, "plan_indices: bad set entry ", i);
+      sets[i] = flat_set(sets[p[1]], p[2]);
+    }
+  }
+
+  // ---- sizes, then buffers
+  struct GroupOut {
+    std::vector<int32_t> gid;
+    int64_t ngroups = 1, max_cnt = 1;
+    std::vector<int32_t> problems;
+  };
+  std::vector<GroupOut> parts;
+  std::unordered_map<std::string, int64_t> part_of;  // gid bytes -> partition
+  std::vector<int64_t> group_part(static_cast<size_t>(ngr));
+  for (int64_t i = 0; i < ngr; ++i, p += 2) {
+    TORCH_CHECK(p[0] >= 0 && p[0] < nsets && p[1] >= 0 && p[1] < nsets, "plan_indices: bad group request ", i);
+    const HostSet &a = sets[p[0]], &b = sets[p[1]];
+    std::vector<int32_t> g(static_cast<size_t>(batch));
+    if (a.full || a.ngroups == 1) {
+      for (int64_t s = 0; s < batch; ++s) g[s] = static_cast<int32_t>(b.full ? 0 : gid_of(b, s));
+    } else if (b.full || b.ngroups == 1) {
+      for (int64_t s = 0; s < batch; ++s) g[s] = static_cast<int32_t>(gid_of(a, s));
+    } else if (a.ngroups == b.ngroups && a.gid == b.gid) {  // the same partition (e.g. per-sample masks)
+      for (int64_t s = 0; s < batch; ++s) g[s] = static_cast<int32_t>(a.gid[s]);
+    } else {  // joint partition, ids by first appearance
+      std::unordered_map<int64_t, int32_t> ids;
+      for (int64_t s = 0; s < batch; ++s) {
+        const int64_t key = gid_of(a, s) * (b.ngroups + 1) + gid_of(b, s);
+        auto it = ids.emplace(key, static_cast<int32_t>(ids.size())).first;
+        g[s] = it->second;
+      }
+    }
+    std::string key(reinterpret_cast<const char*>(g.data()), g.size() * sizeof(int32_t));
+    auto it = part_of.find(key);
+    if (it == part_of.end()) {
+      GroupOut o;
+      const int32_t G = *std::max_element(g.begin(), g.end()) + 1;
+      std::vector<int32_t> cnt(static_cast<size_t>(G), 0);
+      for (int32_t v : g) ++cnt[v];
+      o.ngroups = G;
+      o.max_cnt = *std::max_element(cnt.begin(), cnt.end());
+      o.problems.resize(static_cast<size_t>(batch + 2 * G));
+      std::vector<int32_t> start(static_cast<size_t>(G), 0);
+      for (int32_t v = 1; v < G; ++v) start[v] = start[v - 1] + cnt[v - 1];
+      std::vector<int32_t> fill = start;
+      for (int64_t s = 0; s < batch; ++s) o.problems[fill[g[s]]++] = static_cast<int32_t>(s);  // stable
+      for (int32_t v = 0; v < G; ++v) {
+        o.problems[batch + v] = start[v];
+        o.problems[batch + G + v] = cnt[v];
+      }
+      o.gid = std::move(g);
+      it = part_of.emplace(std::move(key), static_cast<int64_t>(parts.size())).first;
+      parts.push_back(std::move(o));
+    }
+    group_part[i] = it->second;
+  }
+
+  struct RemapOut {
+    int64_t kind = 0, width = 0, rows = 0;
+    std::vector<int64_t> take, cols;
+    std::vector<uint8_t> keep;
+  };
+  std::vector<RemapOut> remaps(static_cast<size_t>(nrm));
+  std::vector<int32_t> col;
+  for (int64_t i = 0; i < nrm; ++i, p += 2) {
+    TORCH_CHECK(p[0] >= 0 && p[0] < nsets && p[1] >= 0 && p[1] < nsets, "plan_indices: bad remap request ", i);
+    const HostSet &src = sets[p[0]], &dst = sets[p[1]];
+    RemapOut& r = remaps[i];
+    r.width = dst.k;
+    if (p[0] == p[1] || (src.full && dst.full)) {
+      r.kind = 0;
+      continue;
+    }
+    if (src.k == 0 || dst.k == 0) {
+      r.kind = 1;
+      continue;
+    }
+    const bool single = (src.full || src.ngroups == 1) && (dst.full || dst.ngroups == 1);
+    r.kind = single ? 2 : 3;
+    r.rows = single ? 1 : batch;
+    r.take.resize(static_cast<size_t>(r.rows * dst.k));
+    std::vector<uint8_t> keep(static_cast<size_t>(r.rows * dst.k));
+    int64_t zeros = 0;
+    col.assign(static_cast<size_t>(src.channels), -1);
+    for (int64_t b = 0; b < r.rows; ++b) {
+      const int32_t* s = src.full ? nullptr : row_of(src, b);
+      if (s)
+        for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = static_cast<int32_t>(j);
+      for (int64_t j = 0; j < dst.k; ++j) {
+        const int32_t c = dst.full ? static_cast<int32_t>(j) : row_of(dst, b)[j];
+        int32_t q = -1;
+        if (c >= 0 && c < src.channels) q = src.full ? c : col[c];
+        r.take[b * dst.k + j] = q >= 0 ? q : 0;
+        keep[b * dst.k + j] = q >= 0;
+        zeros += q < 0;
+      }
+      if (s)
+        for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = -1;
+    }
+    if (single) {
+      for (int64_t j = 0; j < dst.k; ++j)
+        if (!keep[j]) r.cols.push_back(j);
+    } else if (zeros) {
+      r.keep = std::move(keep);
+    }
+  }
+
+  // ---- write
+  int64_t n32 = 0, n64 = 0, n8 = 0;
+  for (const auto& s : sets) n32 += s.full ? 0 : s.rows * s.k;
+  for (const auto& o : parts) n32 += batch + static_cast<int64_t>(o.problems.size());
+  for (const auto& r : remaps) {
+    n64 += static_cast<int64_t>(r.take.size() + r.cols.size());
+    n8 += static_cast<int64_t>(r.keep.size());
+  }
+  auto opts = at::TensorOptions().device(at::kCPU).pinned_memory(pin);
+  at::Tensor i32 = at::empty({n32}, opts.dtype(at::kInt));
+  at::Tensor i64 = at::empty({n64}, opts.dtype(at::kLong));
+  at::Tensor u8 = at::empty({n8}, opts.dtype(at::kByte));
+  at::Tensor meta = at::empty({5 * nsets + 4 * ngr + 7 * nrm}, at::TensorOptions().dtype(at::kLong));
+  int32_t* w32 = i32.data_ptr<int32_t>();
+  int64_t* w64 = i64.data_ptr<int64_t>();
+  uint8_t* w8 = u8.data_ptr<uint8_t>();
+  int64_t* mt = meta.data_ptr<int64_t>();
+  int64_t o32 = 0, o64 = 0, o8 = 0;
+  for (const auto& s : sets) {
+    *mt++ = s.full;
+    *mt++ = s.k;
+    *mt++ = s.full ? 1 : s.ngroups;
+    *mt++ = s.full ? -1 : o32;
+    *mt++ = s.full ? 0 : s.rows;
+    if (!s.full) {
+      std::memcpy(w32 + o32, s.idx.data(), static_cast<size_t>(s.rows * s.k) * sizeof(int32_t));
+      o32 += s.rows * s.k;
+    }
+  }
+  std::vector<int64_t> part_off(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    part_off[i] = o32;
+    std::memcpy(w32 + o32, parts[i].gid.data(), parts[i].gid.size() * sizeof(int32_t));
+    o32 += batch;
+    std::memcpy(w32 + o32, parts[i].problems.data(), parts[i].problems.size() * sizeof(int32_t));
+    o32 += static_cast<int64_t>(parts[i].problems.size());
+  }
+  for (int64_t i = 0; i < ngr; ++i) {
+    const auto& o = parts[group_part[i]];
+    *mt++ = part_off[group_part[i]];
+    *mt++ = part_off[group_part[i]] + batch;
+    *mt++ = o.ngroups;
+    *mt++ = o.max_cnt;
+  }
+  for (const auto& r : remaps) {
+    *mt++ = r.kind;
+    *mt++ = r.width;
+    *mt++ = o64;
+    *mt++ = r.rows;
+    std::memcpy(w64 + o64, r.take.data(), r.take.size() * sizeof(int64_t));
+    o64 += static_cast<int64_t>(r.take.size());
+    *mt++ = o64;
+    *mt++ = static_cast<int64_t>(r.cols.size());
+    std::memcpy(w64 + o64, r.cols.data(), r.cols.size() * sizeof(int64_t));
+    o64 += static_cast<int64_t>(r.cols.size());
+    *mt++ = r.keep.empty() ? -1 : o8;
+    if (!r.keep.empty()) {
+      std::memcpy(w8 + o8, r.keep.data(), r.keep.size());
+      o8 += static_cast<int64_t>(r.keep.size());
+    }
+  }
+  return {i32, i64, u8, meta};
+}
+
+}  // namespace gencnp_fast
+
+// A catch-all kernel (host code on CPU tensors; also runs for a plan without masks, i.e. an empty list).
+TORCH_LIBRARY(gencnp_fast_host, m) {
+  m.def("plan_indices(Tensor[] masks, int[] program, int batch, bool pin) -> (Tensor, Tensor, Tensor, Tensor)",
+        &gencnp_fast::plan_indices);
+}
