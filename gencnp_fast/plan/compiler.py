@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
