@@ -44,9 +44,14 @@ struct HostSet {
   int64_t k = 0;        // stored channels (idx columns)
   int64_t ngroups = 1;  // distinct rows over the batch
   int64_t rows = 1;     // rows of idx: 1 (one group) or batch
-  std::vector<int32_t> idx;    // rows x k
-  std::vector<int64_t> gid;    // batch (empty: all zero)
-  std::vector<int64_t> count;  // rows
+  std::vector<int64_t> gid;  // batch (empty: all zero)
+  // where idx comes from: a unit's mask (its distinct rows `first`), or a base set flattened by `spatial`
+  const uint8_t* mask = nullptr;
+  int64_t C = 0;
+  std::vector<int64_t> first;
+  int64_t base = -1, spatial = 1;
+  int64_t off = -1;        // offset of idx in the int32 output (a flat set with spatial 1 shares its base's)
+  int32_t* idx = nullptr;  // rows x k, in the int32 output
 };
 
 uint64_t hash_row(const uint8_t* row, int64_t C) {
@@ -135,6 +140,7 @@ int64_t group_rows(const uint8_t* m, int64_t rows, int64_t C, std::vector<int64_
   return static_cast<int64_t>(first.size());
 }
 
+// Metadata of a unit's set (rows, groups, k); its idx is written later, straight into the output.
 HostSet unit_set(const at::Tensor& mask, int64_t batch) {
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu(),
               "plan_indices: masks must be contiguous uint8 [rows, C] CPU tensors, got ", mask.sizes());
@@ -146,12 +152,11 @@ HostSet unit_set(const at::Tensor& mask, int64_t batch) {
   std::vector<int64_t> gid, first;
   const int64_t G = rows == 1 ? 1 : group_rows(m, rows, C, gid, first);
   if (rows == 1) first.assign(1, 0);
-  std::vector<int64_t> cnt(static_cast<size_t>(G));
   int64_t k = 0, kmin = C;
   for (int64_t g = 0; g < G; ++g) {
-    cnt[g] = count_row(m + first[g] * C, C);
-    k = std::max(k, cnt[g]);
-    kmin = std::min(kmin, cnt[g]);
+    const int64_t c = count_row(m + first[g] * C, C);
+    k = std::max(k, c);
+    kmin = std::min(kmin, c);
   }
   if (kmin == C) {  // every row keeps every channel
     s.full = true;
@@ -161,29 +166,14 @@ HostSet unit_set(const at::Tensor& mask, int64_t batch) {
   s.k = k;
   s.ngroups = G;
   s.rows = G == 1 ? 1 : batch;
-  s.idx.assign(static_cast<size_t>(s.rows * k + 8), -1);  // + 8: compact_row's last 8-wide store
-  s.count.assign(static_cast<size_t>(s.rows), 0);
-  for (int64_t g = 0; g < G; ++g) {  // compact each distinct row once, straight into its row of idx
-    int32_t* out = s.idx.data() + first[g] * k;
-    const int64_t j = compact_row(m + first[g] * C, C, out);
-    for (int64_t t = j; t < std::min<int64_t>(k, j + 8); ++t) out[t] = -1;  // undo the 8-wide overshoot
-    s.count[first[g]] = j;
-  }
-  if (s.rows > 1) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t r = first[gid[b]];
-      if (r != b) {
-        std::memcpy(s.idx.data() + b * k, s.idx.data() + r * k, static_cast<size_t>(k) * sizeof(int32_t));
-        s.count[b] = s.count[r];
-      }
-    }
-    s.gid = std::move(gid);
-  }
+  s.mask = m;
+  s.C = C;
+  s.first = std::move(first);
+  if (s.rows > 1) s.gid = std::move(gid);
   return s;
 }
 
-HostSet flat_set(const HostSet& base, int64_t spatial) {
-  if (spatial == 1) return base;
+HostSet flat_set(const HostSet& base, int64_t base_index, int64_t spatial) {
   HostSet s;
   s.channels = base.channels * spatial;
   if (base.full) {
@@ -195,23 +185,45 @@ HostSet flat_set(const HostSet& base, int64_t spatial) {
   s.ngroups = base.ngroups;
   s.rows = base.rows;
   s.gid = base.gid;
-  s.idx.resize(static_cast<size_t>(s.rows * s.k));
-  s.count.resize(static_cast<size_t>(s.rows));
-  for (int64_t r = 0; r < s.rows; ++r) {
-    for (int64_t j = 0; j < base.k; ++j) {
-      const int32_t c = base.idx[r * base.k + j];
-      for (int64_t t = 0; t < spatial; ++t)
-        s.idx[(r * base.k + j) * spatial + t] = c < 0 ? -1 : static_cast<int32_t>(c * spatial + t);
-    }
-    s.count[r] = base.count[r] * spatial;
-  }
+  s.base = base_index;
+  s.spatial = spatial;
   return s;
+}
+
+// Compact a unit set's distinct rows into s.idx (room for rows x k + 8), copy them to the other rows of their group.
+void write_unit_idx(HostSet& s, int64_t batch) {
+  const int64_t k = s.k;
+  for (size_t g = 0; g < s.first.size(); ++g) {
+    const int64_t r = s.rows == 1 ? 0 : s.first[g];
+    int32_t* out = s.idx + r * k;
+    const int64_t j = compact_row(s.mask + s.first[g] * s.C, s.C, out);  // may write up to 7 past the count
+    for (int64_t t = j; t < k; ++t) out[t] = -1;
+  }
+  if (s.rows > 1) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t r = s.first[s.gid[b]];
+      if (r != b) std::memcpy(s.idx + b * k, s.idx + r * k, static_cast<size_t>(k) * sizeof(int32_t));
+    }
+  }
+}
+
+// Channel c of the base -> features c * spatial + t.
+void write_flat_idx(HostSet& s, const HostSet& base) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const int32_t* in = base.idx + r * base.k;
+    int32_t* out = s.idx + r * s.k;
+    for (int64_t j = 0; j < base.k; ++j) {
+      const int32_t c = in[j];
+      for (int64_t t = 0; t < s.spatial; ++t)
+        out[j * s.spatial + t] = c < 0 ? -1 : static_cast<int32_t>(c * s.spatial + t);
+    }
+  }
 }
 
 int64_t gid_of(const HostSet& s, int64_t b) { return s.gid.empty() ? 0 : s.gid[b]; }
 
 // Row of sample b in a set's idx (rows 1: the shared row).
-const int32_t* row_of(const HostSet& s, int64_t b) { return s.idx.data() + (s.rows == 1 ? 0 : b) * s.k; }
+const int32_t* row_of(const HostSet& s, int64_t b) { return s.idx + (s.rows == 1 ? 0 : b) * s.k; }
 
 }  // namespace
 
@@ -238,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_indices(const st
       sets[i].channels = sets[i].k = p[1];
     } else {
       TORCH_CHECK(p[0] == 2 && p[1] >= 0 && p[1] < i && p[2] >= 1, "plan_indices: bad set entry ", i);
-      sets[i] = flat_set(sets[p[1]], p[2]);
+      sets[i] = flat_set(sets[p[1]], p[1], p[2]);
     }
   }
 
@@ -294,92 +306,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_indices(const st
     group_part[i] = it->second;
   }
 
+  // ---- int32 output: set idx (written in place), then the partitions
+  int64_t n32 = 0;
+  for (auto& st : sets) {
+    if (st.full) continue;
+    if (st.base >= 0 && st.spatial == 1) {  // the same features: share the base's rows
+      st.off = sets[st.base].off;
+      continue;
+    }
+    st.off = n32;
+    n32 += st.rows * st.k;
+  }
+  std::vector<int64_t> part_off(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    part_off[i] = n32;
+    n32 += batch + static_cast<int64_t>(parts[i].problems.size());
+  }
+  auto opts = at::TensorOptions().device(at::kCPU).pinned_memory(pin);
+  // + 8: the table-driven compaction stores 8 positions at a time (what lands past a row is overwritten later)
+  at::Tensor i32 = at::empty({n32 + 8}, opts.dtype(at::kInt));
+  int32_t* w32 = i32.data_ptr<int32_t>();
+  for (auto& st : sets) {
+    if (st.full) continue;
+    st.idx = w32 + st.off;
+    if (st.base >= 0 && st.spatial == 1) continue;
+    if (st.mask != nullptr) {
+      write_unit_idx(st, batch);
+    } else {
+      write_flat_idx(st, sets[st.base]);
+    }
+  }
+  for (size_t i = 0; i < parts.size(); ++i) {
+    std::memcpy(w32 + part_off[i], parts[i].gid.data(), parts[i].gid.size() * sizeof(int32_t));
+    std::memcpy(w32 + part_off[i] + batch, parts[i].problems.data(), parts[i].problems.size() * sizeof(int32_t));
+  }
+
+  // ---- re-compactions: kinds and sizes, then take / cols (int64) and keep (uint8) written in place
   struct RemapOut {
-    int64_t kind = 0, width = 0, rows = 0;
-    std::vector<int64_t> take, cols;
-    std::vector<uint8_t> keep;
+    int64_t kind = 0, width = 0, rows = 0, take_off = 0, cols_off = 0, ncols = 0, keep_off = -1;
   };
   std::vector<RemapOut> remaps(static_cast<size_t>(nrm));
-  std::vector<int32_t> col;
+  std::vector<std::pair<int64_t, int64_t>> remap_sets(static_cast<size_t>(nrm));
+  int64_t n64 = 0, n8 = 0;
   for (int64_t i = 0; i < nrm; ++i, p += 2) {
     TORCH_CHECK(p[0] >= 0 && p[0] < nsets && p[1] >= 0 && p[1] < nsets, "plan_indices: bad remap request ", i);
+    remap_sets[i] = {p[0], p[1]};
     const HostSet &src = sets[p[0]], &dst = sets[p[1]];
     RemapOut& r = remaps[i];
     r.width = dst.k;
     if (p[0] == p[1] || (src.full && dst.full)) {
       r.kind = 0;
-      continue;
-    }
-    if (src.k == 0 || dst.k == 0) {
+    } else if (src.k == 0 || dst.k == 0) {
       r.kind = 1;
-      continue;
+    } else {
+      const bool single = (src.full || src.ngroups == 1) && (dst.full || dst.ngroups == 1);
+      r.kind = single ? 2 : 3;
+      r.rows = single ? 1 : batch;
+      r.take_off = n64;
+      n64 += r.rows * dst.k;
+      if (single) {
+        r.cols_off = n64;
+        n64 += dst.k;  // room for every column; ncols says how many are used
+      } else {
+        r.keep_off = n8;
+        n8 += batch * dst.k;
+      }
     }
-    const bool single = (src.full || src.ngroups == 1) && (dst.full || dst.ngroups == 1);
-    r.kind = single ? 2 : 3;
-    r.rows = single ? 1 : batch;
-    r.take.resize(static_cast<size_t>(r.rows * dst.k));
-    std::vector<uint8_t> keep(static_cast<size_t>(r.rows * dst.k));
+  }
+  at::Tensor i64 = at::empty({n64}, opts.dtype(at::kLong));
+  at::Tensor u8 = at::empty({n8}, opts.dtype(at::kByte));
+  int64_t* w64 = i64.data_ptr<int64_t>();
+  uint8_t* w8 = u8.data_ptr<uint8_t>();
+  std::vector<int32_t> col;
+  for (int64_t i = 0; i < nrm; ++i) {
+    RemapOut& r = remaps[i];
+    if (r.kind < 2) continue;
+    const HostSet &src = sets[remap_sets[i].first], &dst = sets[remap_sets[i].second];
+    int64_t* take = w64 + r.take_off;
+    uint8_t* keep = r.kind == 3 ? w8 + r.keep_off : nullptr;
     int64_t zeros = 0;
-    col.assign(static_cast<size_t>(src.channels), -1);
+    if (!src.full) col.assign(static_cast<size_t>(src.channels), -1);
     for (int64_t b = 0; b < r.rows; ++b) {
       const int32_t* s = src.full ? nullptr : row_of(src, b);
       if (s)
         for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = static_cast<int32_t>(j);
+      const int32_t* d = dst.full ? nullptr : row_of(dst, b);
       for (int64_t j = 0; j < dst.k; ++j) {
-        const int32_t c = dst.full ? static_cast<int32_t>(j) : row_of(dst, b)[j];
+        const int32_t c = d ? d[j] : static_cast<int32_t>(j);
         int32_t q = -1;
         if (c >= 0 && c < src.channels) q = src.full ? c : col[c];
-        r.take[b * dst.k + j] = q >= 0 ? q : 0;
-        keep[b * dst.k + j] = q >= 0;
-        zeros += q < 0;
+        take[b * dst.k + j] = q >= 0 ? q : 0;
+        if (keep) keep[b * dst.k + j] = q >= 0;
+        if (q < 0) {
+          if (r.kind == 2) w64[r.cols_off + r.ncols++] = j;
+          ++zeros;
+        }
       }
       if (s)
         for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = -1;
     }
-    if (single) {
-      for (int64_t j = 0; j < dst.k; ++j)
-        if (!keep[j]) r.cols.push_back(j);
-    } else if (zeros) {
-      r.keep = std::move(keep);
-    }
+    if (r.kind == 3 && zeros == 0) r.keep_off = -1;  // nothing to zero: no multiply
   }
 
-  // ---- write
-  int64_t n32 = 0, n64 = 0, n8 = 0;
-  for (const auto& s : sets) n32 += s.full ? 0 : s.rows * s.k;
-  for (const auto& o : parts) n32 += batch + static_cast<int64_t>(o.problems.size());
-  for (const auto& r : remaps) {
-    n64 += static_cast<int64_t>(r.take.size() + r.cols.size());
-    n8 += static_cast<int64_t>(r.keep.size());
-  }
-  auto opts = at::TensorOptions().device(at::kCPU).pinned_memory(pin);
-  at::Tensor i32 = at::empty({n32}, opts.dtype(at::kInt));
-  at::Tensor i64 = at::empty({n64}, opts.dtype(at::kLong));
-  at::Tensor u8 = at::empty({n8}, opts.dtype(at::kByte));
+  // ---- layout
   at::Tensor meta = at::empty({5 * nsets + 4 * ngr + 7 * nrm}, at::TensorOptions().dtype(at::kLong));
-  int32_t* w32 = i32.data_ptr<int32_t>();
-  int64_t* w64 = i64.data_ptr<int64_t>();
-  uint8_t* w8 = u8.data_ptr<uint8_t>();
   int64_t* mt = meta.data_ptr<int64_t>();
-  int64_t o32 = 0, o64 = 0, o8 = 0;
-  for (const auto& s : sets) {
-    *mt++ = s.full;
-    *mt++ = s.k;
-    *mt++ = s.full ? 1 : s.ngroups;
-    *mt++ = s.full ? -1 : o32;
-    *mt++ = s.full ? 0 : s.rows;
-    if (!s.full) {
-      std::memcpy(w32 + o32, s.idx.data(), static_cast<size_t>(s.rows * s.k) * sizeof(int32_t));
-      o32 += s.rows * s.k;
-    }
-  }
-  std::vector<int64_t> part_off(parts.size());
-  for (size_t i = 0; i < parts.size(); ++i) {
-    part_off[i] = o32;
-    std::memcpy(w32 + o32, parts[i].gid.data(), parts[i].gid.size() * sizeof(int32_t));
-    o32 += batch;
-    std::memcpy(w32 + o32, parts[i].problems.data(), parts[i].problems.size() * sizeof(int32_t));
-    o32 += static_cast<int64_t>(parts[i].problems.size());
+  for (const auto& st : sets) {
+    *mt++ = st.full;
+    *mt++ = st.k;
+    *mt++ = st.full ? 1 : st.ngroups;
+    *mt++ = st.full ? -1 : st.off;
+    *mt++ = st.full ? 0 : st.rows;
   }
   for (int64_t i = 0; i < ngr; ++i) {
     const auto& o = parts[group_part[i]];
@@ -391,21 +428,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_indices(const st
   for (const auto& r : remaps) {
     *mt++ = r.kind;
     *mt++ = r.width;
-    *mt++ = o64;
+    *mt++ = r.take_off;
     *mt++ = r.rows;
-    std::memcpy(w64 + o64, r.take.data(), r.take.size() * sizeof(int64_t));
-    o64 += static_cast<int64_t>(r.take.size());
-    *mt++ = o64;
-    *mt++ = static_cast<int64_t>(r.cols.size());
-    std::memcpy(w64 + o64, r.cols.data(), r.cols.size() * sizeof(int64_t));
-    o64 += static_cast<int64_t>(r.cols.size());
-    *mt++ = r.keep.empty() ? -1 : o8;
-    if (!r.keep.empty()) {
-      std::memcpy(w8 + o8, r.keep.data(), r.keep.size());
-      o8 += static_cast<int64_t>(r.keep.size());
-    }
+    *mt++ = r.cols_off;
+    *mt++ = r.ncols;
+    *mt++ = r.keep_off;
   }
-  return {i32, i64, u8, meta};
+  return {i32.narrow(0, 0, n32), i64, u8, meta};
 }
 
 }  // namespace gencnp_fast
