@@ -10,6 +10,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
@@ -252,7 +253,7 @@ def _host_program(plan: Plan) -> _HostProgram:
         if (src, dst) not in remaps:
             remaps.append((src, dst))
 
-    for st in plan.steps:  # the same needs as _Sets.prepare_python, taken whatever the masks hold
+    for st in plan.steps:  # taken whatever the masks hold (fullness and sharing are decided per run)
         if isinstance(st, ConvStep):
             need_groups(st.in_set, st.out_set)
             if st.residual is not None:
@@ -278,19 +279,21 @@ def _host_program(plan: Plan) -> _HostProgram:
     return prog
 
 
-_PLAN_OP: List[object] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _plan_indices_op():
     """``torch.ops.gencnp_fast_host.plan_indices`` (csrc/plan_indices.cpp), or None without the extension."""
-    if not _PLAN_OP:
-        try:
-            from .. import ops  # noqa: F401  (loads gencnp_fast._C)
+    try:
+        from .. import ops  # noqa: F401  (loads gencnp_fast._C)
 
-            _PLAN_OP.append(torch.ops.gencnp_fast_host.plan_indices)
-        except (ImportError, AttributeError, RuntimeError):
-            _PLAN_OP.append(None)
-    return _PLAN_OP[0]
+        return torch.ops.gencnp_fast_host.plan_indices
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def _attach_problems(groups: torch.Tensor, problems: torch.Tensor, batch: int, ngroups: int, max_cnt: int) -> None:
+    """Attach a planned problem list (``[B + 2G]``: samples, starts, sizes) to the device ``groups`` tensor."""
+    table = (problems[:batch], problems[batch : batch + ngroups], problems[batch + ngroups :], ngroups, max_cnt)
+    attach_group_table(groups, table, problems)
 
 
 class _Sets:
@@ -367,9 +370,9 @@ class _Sets:
         b = self.batch
         masks = []
         for name in prog.mask_names:
-            m = self.masks[name].contiguous()
-            masks.append(m.view(torch.uint8).reshape(-1, m.shape[-1]) if m.dtype == torch.bool
-                         else (m != 0).view(torch.uint8).reshape(-1, m.shape[-1]))
+            m = self.masks[name]
+            m = (m if m.dtype == torch.bool else m != 0).contiguous()
+            masks.append(m.view(torch.uint8).reshape(-1, m.shape[-1]))
         pin = self.device.type == "cuda"
         i32, i64, u8, meta = _plan_indices_op()(masks, prog.program, b, pin)
         if self.device.type != "cpu":
@@ -392,9 +395,7 @@ class _Sets:
             g = by_offset.get(goff)
             if g is None:  # one tensor (and problem list) per partition of the batch
                 g = i32.as_strided((b,), (1,), goff)
-                problems = i32.as_strided((b + 2 * ngroups,), (1,), poff)
-                table = (problems[:b], problems[b : b + ngroups], problems[b + ngroups :], ngroups, max_cnt)
-                attach_group_table(g, table, problems)
+                _attach_problems(g, i32.as_strided((b + 2 * ngroups,), (1,), poff), b, ngroups, max_cnt)
                 by_offset[goff] = g
             self._dev_groups[key] = g
         kinds = ("same", "zeros", "row", "rows")
@@ -410,55 +411,27 @@ class _Sets:
             self._dev_remaps[key] = RemapIndex(kinds[kind], width, take, cols, keep)
 
     def prepare_python(self) -> None:
-        """:meth:`prepare` with the Python channel-set helpers (the reference for :meth:`prepare_compiled`)."""
+        """:meth:`prepare` with the Python channel-set helpers (the reference for :meth:`prepare_compiled`): the
+        same needs (the plan's program), each resolved on the host and packed for one copy per dtype."""
+        prog = _host_program(self.plan)
         pack = _Pack()
         sets: Dict[SetRef, Tuple[ChannelSet, Optional[int]]] = {}
+        for ref in prog.set_refs:  # the kernels read idx only: group ids and counts stay on the host
+            cs = self.host(ref)  # one mask for the batch: one row is sent, expanded on the device
+            sets[ref] = (cs, None if cs.full else pack.add(cs.idx[:1] if cs.ngroups == 1 else cs.idx))
         groups: Dict[Tuple[SetRef, SetRef], Tuple[int, int, int, int]] = {}
-        remaps: Dict[Tuple[SetRef, SetRef], Tuple[RemapIndex, Tuple[Optional[int], ...]]] = {}
-
         by_partition: Dict[bytes, Tuple[int, int, int, int]] = {}
-
-        def need_set(ref: SetRef) -> None:
-            if ref not in sets:  # the kernels read idx only: group ids and counts stay on the host
-                cs = self.host(ref)  # one mask for the batch: one row is sent, expanded on the device
-                sets[ref] = (cs, None if cs.full else pack.add(cs.idx[:1] if cs.ngroups == 1 else cs.idx))
-
-        def need_groups(a: SetRef, b: SetRef) -> None:
-            if (a, b) in groups:
-                return
+        for a, b in prog.group_keys:
             g = conv_groups(self.host(a), self.host(b), self.group_cache)
             key = g.numpy().tobytes()  # one device tensor (and problem list) per partition of the batch
             if key not in by_partition:
                 samples, start, counts, ngroups, max_cnt = group_table(g)
                 by_partition[key] = (pack.add(g), pack.add(torch.cat([samples, start, counts])), ngroups, max_cnt)
             groups[(a, b)] = by_partition[key]
-
-        def need_remap(src: SetRef, dst: SetRef) -> None:
-            if (src, dst) in remaps:
-                return
+        remaps: Dict[Tuple[SetRef, SetRef], Tuple[RemapIndex, Tuple[Optional[int], ...]]] = {}
+        for src, dst in prog.remap_keys:
             r = remap_index(self.host(src), self.host(dst))
             remaps[(src, dst)] = (r, tuple(None if t is None else pack.add(t) for t in (r.take, r.cols, r.keep)))
-
-        for st in self.plan.steps:
-            if isinstance(st, ConvStep):
-                need_set(st.in_set)
-                need_set(st.out_set)
-                if st.residual is not None:
-                    need_remap(st.residual[1], st.out_set)
-                a, b = self.host(st.in_set), self.host(st.out_set)
-                if a.full and b.full:
-                    continue
-                if a.ngroups == 1 and b.ngroups == 1 and small_map_eligible(st):
-                    need_set(("flat", st.in_set, st.in_shape[1] * st.in_shape[2]))
-                    need_set(("flat", st.out_set, st.out_shape[1] * st.out_shape[2]))
-                need_groups(st.in_set, st.out_set)
-            elif isinstance(st, RemapStep):
-                need_set(st.src_set)
-                need_set(st.dst_set)
-                need_remap(st.src_set, st.dst_set)
-                if st.add is not None:
-                    need_set(st.add[1])
-                    need_remap(st.add[1], st.dst_set)
 
         pack.send(self.device)
         for ref, (cs, h) in sets.items():
@@ -470,11 +443,8 @@ class _Sets:
         dev_groups: Dict[int, torch.Tensor] = {}
         for key, (hg, hp, ngroups, max_cnt) in groups.items():
             if hg not in dev_groups:
-                g, problems = pack[hg], pack[hp]
-                b = self.batch
-                table = (problems[:b], problems[b : b + ngroups], problems[b + ngroups :], ngroups, max_cnt)
-                attach_group_table(g, table, problems)
-                dev_groups[hg] = g
+                _attach_problems(pack[hg], pack[hp], self.batch, ngroups, max_cnt)
+                dev_groups[hg] = pack[hg]
             self._dev_groups[key] = dev_groups[hg]
         for key, (r, hs) in remaps.items():
             take, cols, keep = (None if h is None else pack[h] for h in hs)
