@@ -9,6 +9,9 @@
 //   counts int64 [B]: kept channels per row.
 // Returns (K, number of groups). Rows are grouped exactly (hash, then byte comparison); each distinct row is
 // compacted once and copied to the other rows of its group.
+//
+// The row helpers below (grouping, counting, table-driven compaction, re-compaction indices) also serve the host
+// planner, csrc/plan_indices.cpp.
 #include "compact_masks.h"
 
 #include <cstring>
@@ -19,79 +22,141 @@ namespace gencnp_fast {
 
 namespace {
 
-// FNV-1a over 8-byte words of a 0/1 row, and its popcount (the bytes are 0 or 1, so a word's byte sum is its
-// count of kept channels).
-inline uint64_t hash_and_count(const uint8_t* row, int64_t C, int64_t* count) {
+// FNV-1a over 8-byte words of a row.
+uint64_t hash_row(const uint8_t* row, int64_t C) {
   uint64_t h = 1469598103934665603ull;
-  int64_t cnt = 0;
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
     uint64_t w;
     std::memcpy(&w, row + c, 8);
     h = (h ^ w) * 1099511628211ull;
-    cnt += static_cast<int64_t>((w * 0x0101010101010101ull) >> 56);
   }
-  for (; c < C; ++c) {
-    h = (h ^ row[c]) * 1099511628211ull;
-    cnt += row[c];
-  }
-  *count = cnt;
+  for (; c < C; ++c) h = (h ^ row[c]) * 1099511628211ull;
   return h;
 }
 
+// The 8 bits of 8 bytes that are each 0 or 1 (byte i -> bit i).
+inline uint32_t bits8(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return static_cast<uint32_t>(((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) & 0xffu;
+}
+
+// For every byte value v, the positions of its set bits (padded with 0) and their count.
+struct BitLut {
+  int32_t pos[256][8];
+  int32_t cnt[256];
+  BitLut() {
+    for (int v = 0; v < 256; ++v) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (v >> b & 1) pos[v][n++] = b;
+      for (int b = n; b < 8; ++b) pos[v][b] = 0;
+      cnt[v] = n;
+    }
+  }
+};
+const BitLut kLut;
+
 }  // namespace
 
-CompactResult compact_masks(const uint8_t* mask, int64_t B, int64_t C, int32_t* idx, int64_t* gid, int64_t* counts) {
-  std::vector<uint8_t> norm(static_cast<size_t>(B * C));
-  for (int64_t i = 0; i < B * C; ++i) norm[i] = mask[i] != 0;  // vectorised; torch bools are 0/1 already
-  std::unordered_map<uint64_t, std::vector<int64_t>> reps;  // hash -> first row of each group with that hash
-  reps.reserve(static_cast<size_t>(B) * 2);
-  std::vector<int64_t> first_of_group;
-  int64_t k = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* row = norm.data() + b * C;
-    int64_t cnt;
-    const uint64_t h = hash_and_count(row, C, &cnt);
-    counts[b] = cnt;
-    k = cnt > k ? cnt : k;
-    auto& bucket = reps[h];
+int64_t count_row(const uint8_t* row, int64_t C) {
+  int64_t n = 0, c = 0;
+  for (; c + 8 <= C; c += 8) n += kLut.cnt[bits8(row + c)];
+  for (; c < C; ++c) n += row[c] != 0;
+  return n;
+}
+
+int64_t compact_row(const uint8_t* row, int64_t C, int32_t* out) {
+  int64_t j = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {  // 8 channels per step: the byte pattern's positions from a table, 8 stores
+    const uint32_t v = bits8(row + c);
+    const int32_t* p = kLut.pos[v];
+    for (int t = 0; t < 8; ++t) out[j + t] = static_cast<int32_t>(c) + p[t];
+    j += kLut.cnt[v];
+  }
+  for (; c < C; ++c)
+    if (row[c]) out[j++] = static_cast<int32_t>(c);
+  return j;
+}
+
+int64_t group_rows(const uint8_t* m, int64_t rows, int64_t C, std::vector<int64_t>& gid, std::vector<int64_t>& first) {
+  gid.assign(static_cast<size_t>(rows), 0);
+  first.clear();
+  std::unordered_map<uint64_t, int64_t> head;  // hash -> latest group with it; next_same: the earlier ones
+  head.reserve(static_cast<size_t>(rows) * 2);
+  std::vector<int64_t> next_same;
+  for (int64_t b = 0; b < rows; ++b) {
+    const uint8_t* row = m + b * C;
+    auto ins = head.emplace(hash_row(row, C), -1);
     int64_t found = -1;
-    for (int64_t r : bucket) {
-      if (std::memcmp(norm.data() + r * C, row, static_cast<size_t>(C)) == 0) {
-        found = gid[r];
+    for (int64_t g = ins.first->second; g >= 0; g = next_same[g]) {
+      if (std::memcmp(m + first[g] * C, row, static_cast<size_t>(C)) == 0) {
+        found = g;
         break;
       }
     }
     if (found < 0) {
-      found = static_cast<int64_t>(first_of_group.size());
-      first_of_group.push_back(b);
-      bucket.push_back(b);
+      found = static_cast<int64_t>(first.size());
+      first.push_back(b);
+      next_same.push_back(ins.first->second);
+      ins.first->second = found;
     }
     gid[b] = found;
   }
-  std::vector<int32_t> tmp(static_cast<size_t>(C) + 1);
+  return static_cast<int64_t>(first.size());
+}
+
+int64_t remap_row(const int32_t* s, int64_t Ks, const int32_t* d, int64_t Kd, int64_t C, int32_t* col,
+                  int64_t* take, uint8_t* keep, int64_t* cols) {
+  if (s)
+    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j)
+      if (s[j] < C) col[s[j]] = static_cast<int32_t>(j);
+  int64_t zeros = 0;
+  for (int64_t j = 0; j < Kd; ++j) {
+    const int32_t c = d ? d[j] : static_cast<int32_t>(j);
+    int32_t q = -1;
+    if (c >= 0 && c < C) q = s ? col[c] : c;
+    take[j] = q >= 0 ? q : 0;
+    if (keep) keep[j] = q >= 0;
+    if (q < 0) {
+      if (cols) cols[zeros] = j;
+      ++zeros;
+    }
+  }
+  if (s)
+    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j)
+      if (s[j] < C) col[s[j]] = -1;
+  return zeros;
+}
+
+CompactResult compact_masks(const uint8_t* mask, int64_t B, int64_t C, int32_t* idx, int64_t* gid, int64_t* counts) {
+  std::vector<uint8_t> norm(static_cast<size_t>(B * C));
+  for (int64_t i = 0; i < B * C; ++i) norm[i] = mask[i] != 0;  // vectorised; torch bools are 0/1 already
+  std::vector<int64_t> g, first;
+  const int64_t G = group_rows(norm.data(), B, C, g, first);
+  std::vector<int64_t> cnt(static_cast<size_t>(G));
+  int64_t k = 0;
+  for (int64_t i = 0; i < G; ++i) {
+    cnt[i] = count_row(norm.data() + first[i] * C, C);
+    k = cnt[i] > k ? cnt[i] : k;
+  }
+  std::vector<int32_t> tmp(static_cast<size_t>(C) + 8);
   for (int64_t b = 0; b < B; ++b) {
+    gid[b] = g[b];
+    counts[b] = cnt[g[b]];
     int32_t* out = idx + b * k;
-    const int64_t rep = first_of_group[gid[b]];
+    const int64_t rep = first[g[b]];
     if (rep != b) {  // rep < b: its row is already written
       std::memcpy(out, idx + rep * k, static_cast<size_t>(k) * sizeof(int32_t));
       continue;
     }
-    const uint8_t* row = norm.data() + b * C;
-    int64_t j = 0;
-    for (int64_t c = 0; c < C; ++c) {  // branch-free: write every channel, advance past the kept ones
-      tmp[j] = static_cast<int32_t>(c);
-      j += row[c];
-    }
+    const int64_t j = compact_row(norm.data() + b * C, C, tmp.data());  // tmp: room for the 8-wide stores
     std::memcpy(out, tmp.data(), static_cast<size_t>(j) * sizeof(int32_t));
-    for (; j < k; ++j) out[j] = -1;
+    for (int64_t t = j; t < k; ++t) out[t] = -1;
   }
-  return {k, static_cast<int64_t>(first_of_group.size())};
+  return {k, G};
 }
-
-}  // namespace gencnp_fast
-
-namespace gencnp_fast {
 
 // Re-compaction indices (gencnp_fast.plan.channel_sets.remap_index): for every row b and column j of dst,
 // take[b, j] = the column of src's row b that holds channel dst[b, j], keep[b, j] = 1; where dst[b, j] is padding
@@ -101,23 +166,8 @@ int64_t remap_positions(const int32_t* src, const int32_t* dst, int64_t B, int64
                         int64_t* take, uint8_t* keep) {
   std::vector<int32_t> col(static_cast<size_t>(C), -1);
   int64_t zeros = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int32_t* s = src + b * Ks;
-    const int32_t* d = dst + b * Kd;
-    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j) {
-      if (s[j] < C) col[s[j]] = static_cast<int32_t>(j);
-    }
-    for (int64_t j = 0; j < Kd; ++j) {
-      const int32_t c = d[j];
-      const int32_t p = (c >= 0 && c < C) ? col[c] : -1;
-      take[b * Kd + j] = p >= 0 ? p : 0;
-      keep[b * Kd + j] = p >= 0 ? 1 : 0;
-      zeros += p < 0;
-    }
-    for (int64_t j = 0; j < Ks && s[j] >= 0; ++j) {
-      if (s[j] < C) col[s[j]] = -1;
-    }
-  }
+  for (int64_t b = 0; b < B; ++b)
+    zeros += remap_row(src + b * Ks, Ks, dst + b * Kd, Kd, C, col.data(), take + b * Kd, keep + b * Kd, nullptr);
   return zeros;
 }
 

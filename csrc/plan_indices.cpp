@@ -27,6 +27,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "compact_masks.h"  // the row helpers (grouping, compaction, re-compaction indices)
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -53,92 +55,6 @@ struct HostSet {
   int64_t off = -1;        // offset of idx in the int32 output (a flat set with spatial 1 shares its base's)
   int32_t* idx = nullptr;  // rows x k, in the int32 output
 };
-
-uint64_t hash_row(const uint8_t* row, int64_t C) {
-  uint64_t h = 1469598103934665603ull;
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    uint64_t w;
-    std::memcpy(&w, row + c, 8);
-    h = (h ^ w) * 1099511628211ull;
-  }
-  for (; c < C; ++c) h = (h ^ row[c]) * 1099511628211ull;
-  return h;
-}
-
-// The 8 bits of 8 bytes that are each 0 or 1 (byte i -> bit i).
-inline uint32_t bits8(const uint8_t* p) {
-  uint64_t w;
-  std::memcpy(&w, p, 8);
-  return static_cast<uint32_t>(((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) & 0xffu;
-}
-
-// For every byte value v, the positions of its set bits (padded with 0) and their count.
-struct BitLut {
-  int32_t pos[256][8];
-  int32_t cnt[256];
-  BitLut() {
-    for (int v = 0; v < 256; ++v) {
-      int n = 0;
-      for (int b = 0; b < 8; ++b)
-        if (v >> b & 1) pos[v][n++] = b;
-      for (int b = n; b < 8; ++b) pos[v][b] = 0;
-      cnt[v] = n;
-    }
-  }
-};
-const BitLut kLut;
-
-// Number of nonzero bytes of a 0/1 row.
-int64_t count_row(const uint8_t* row, int64_t C) {
-  int64_t n = 0, c = 0;
-  for (; c + 8 <= C; c += 8) n += kLut.cnt[bits8(row + c)];
-  for (; c < C; ++c) n += row[c] != 0;
-  return n;
-}
-
-// Ascending positions of the nonzero bytes of a 0/1 row into out (room for count + 8); returns the count.
-int64_t compact_row(const uint8_t* row, int64_t C, int32_t* out) {
-  int64_t j = 0, c = 0;
-  for (; c + 8 <= C; c += 8) {  // 8 channels per step: the byte pattern's positions from a table, 8 stores
-    const uint32_t v = bits8(row + c);
-    const int32_t* p = kLut.pos[v];
-    for (int t = 0; t < 8; ++t) out[j + t] = static_cast<int32_t>(c) + p[t];
-    j += kLut.cnt[v];
-  }
-  for (; c < C; ++c)
-    if (row[c]) out[j++] = static_cast<int32_t>(c);
-  return j;
-}
-
-// Exact grouping of the rows of a [rows, C] 0/1 mask: ids by first appearance (hash, then byte comparison).
-int64_t group_rows(const uint8_t* m, int64_t rows, int64_t C, std::vector<int64_t>& gid,
-                   std::vector<int64_t>& first) {
-  gid.assign(static_cast<size_t>(rows), 0);
-  first.clear();
-  std::unordered_map<uint64_t, int64_t> head;  // hash -> first group with it; next_same: the others
-  head.reserve(static_cast<size_t>(rows) * 2);
-  std::vector<int64_t> next_same;
-  for (int64_t b = 0; b < rows; ++b) {
-    const uint8_t* row = m + b * C;
-    auto ins = head.emplace(hash_row(row, C), -1);
-    int64_t found = -1;
-    for (int64_t g = ins.first->second; g >= 0; g = next_same[g]) {
-      if (std::memcmp(m + first[g] * C, row, static_cast<size_t>(C)) == 0) {
-        found = g;
-        break;
-      }
-    }
-    if (found < 0) {
-      found = static_cast<int64_t>(first.size());
-      first.push_back(b);
-      next_same.push_back(ins.first->second);
-      ins.first->second = found;
-    }
-    gid[b] = found;
-  }
-  return static_cast<int64_t>(first.size());
-}
 
 // Metadata of a unit's set (rows, groups, k); its idx is written later, straight into the output.
 HostSet unit_set(const at::Tensor& mask, int64_t batch) {
@@ -382,29 +298,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_indices(const st
     RemapOut& r = remaps[i];
     if (r.kind < 2) continue;
     const HostSet &src = sets[remap_sets[i].first], &dst = sets[remap_sets[i].second];
-    int64_t* take = w64 + r.take_off;
-    uint8_t* keep = r.kind == 3 ? w8 + r.keep_off : nullptr;
+    col.assign(static_cast<size_t>(src.channels), -1);
     int64_t zeros = 0;
-    if (!src.full) col.assign(static_cast<size_t>(src.channels), -1);
     for (int64_t b = 0; b < r.rows; ++b) {
-      const int32_t* s = src.full ? nullptr : row_of(src, b);
-      if (s)
-        for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = static_cast<int32_t>(j);
-      const int32_t* d = dst.full ? nullptr : row_of(dst, b);
-      for (int64_t j = 0; j < dst.k; ++j) {
-        const int32_t c = d ? d[j] : static_cast<int32_t>(j);
-        int32_t q = -1;
-        if (c >= 0 && c < src.channels) q = src.full ? c : col[c];
-        take[b * dst.k + j] = q >= 0 ? q : 0;
-        if (keep) keep[b * dst.k + j] = q >= 0;
-        if (q < 0) {
-          if (r.kind == 2) w64[r.cols_off + r.ncols++] = j;
-          ++zeros;
-        }
-      }
-      if (s)
-        for (int64_t j = 0; j < src.k && s[j] >= 0; ++j) col[s[j]] = -1;
+      zeros += remap_row(src.full ? nullptr : row_of(src, b), src.k, dst.full ? nullptr : row_of(dst, b), dst.k,
+                         src.channels, col.data(), w64 + r.take_off + b * dst.k,
+                         r.kind == 3 ? w8 + r.keep_off + b * dst.k : nullptr,
+                         r.kind == 2 ? w64 + r.cols_off : nullptr);
     }
+    if (r.kind == 2) r.ncols = zeros;
     if (r.kind == 3 && zeros == 0) r.keep_off = -1;  // nothing to zero: no multiply
   }
 
