@@ -41,6 +41,21 @@ def pytest_configure(config):
     _SESSION["config"] = config
 
 
+def pathway_baselines(model, path, x, dense: bool = True) -> Dict[str, Callable[[], object]]:
+    """The baselines a fast-path case is paired with: the dense masked reference and (``dense``) the dense model."""
+    import gencnp_fast as g
+
+    def reference():
+        with torch.no_grad():
+            return g.reference_pathway_forward(model, path, x)
+
+    def dense_model():
+        with torch.no_grad():
+            return model(x)
+
+    return {"reference": reference, **({"dense": dense_model} if dense else {})}
+
+
 def run_paired(benchmark, fn: Callable[[], object], baselines: Dict[str, Callable[[], object]], rounds: int,
                warmup_rounds: int = 1, sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Benchmark ``fn`` with pedantic rounds; before each round, pedantic's untimed setup times every baseline once.
@@ -277,3 +292,9 @@ def record_explainer():
 def paired():
     """:func:`run_paired`: benchmark a function with baselines timed between its rounds."""
     return run_paired
+
+
+@pytest.fixture
+def baselines():
+    """:func:`pathway_baselines`: the reference (and dense model) a fast-path case is timed against."""
+    return pathway_baselines

@@ -140,7 +140,7 @@ def test_gpu_reference(benchmark, record_result, name, batch, dtype):
 @pytest.mark.parametrize("sharing", SHARING)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", MODELS)
-def test_gpu_fast(benchmark, record_result, paired, name, batch, sharing, density, dtype, backend):
+def test_gpu_fast(benchmark, record_result, paired, baselines, name, batch, sharing, density, dtype, backend):
     if backend not in available_backends("cuda"):
         pytest.skip(f"backend {backend!r} is not available here (built without CUDA kernels / no triton)")
     model, x = target(name, dtype), batch_input(name, batch, dtype)
@@ -159,15 +159,7 @@ def test_gpu_fast(benchmark, record_result, paired, name, batch, sharing, densit
         sync()
         return y
 
-    def reference():
-        with torch.no_grad():
-            return g.reference_pathway_forward(model, path, x)
-
-    def dense():
-        with torch.no_grad():
-            return model(x)
-
-    extra = paired(benchmark, fn, {"reference": reference, "dense": dense}, rounds=ROUNDS.get(batch, 5),
-                   warmup_rounds=2, sync=sync)
+    extra = paired(benchmark, fn, baselines(model, path, x), rounds=ROUNDS.get(batch, 5), warmup_rounds=2,
+                   sync=sync)
     record_result((case_model(name, dtype), batch, sharing, density), f"fast:{backend}", benchmark,
                   ideal_flop_ratio=cost["ideal_flop_ratio"], ideal_bytes_ratio=cost["ideal_bytes_ratio"], **extra)

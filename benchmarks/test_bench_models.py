@@ -89,7 +89,7 @@ def test_reference(benchmark, record_result, name, batch):
 @pytest.mark.parametrize("sharing", SHARING)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", MODELS)
-def test_fast(benchmark, record_result, paired, name, batch, sharing, density, backend):
+def test_fast(benchmark, record_result, paired, baselines, name, batch, sharing, density, backend):
     model, x = target(name), batch_input(batch)
     path = pathway(name, batch, sharing, density)
     with torch.no_grad():
@@ -101,16 +101,7 @@ def test_fast(benchmark, record_result, paired, name, batch, sharing, density, b
     # Paired baselines: before every timed round of the fast path, pedantic's (untimed) setup runs the dense masked
     # reference, and at density 1 the dense model (conftest.run_paired). The ratios then compare rounds taken
     # seconds apart, which this shared machine's minute-scale drifts (±30 %) cannot tilt.
-    def reference():
-        with torch.no_grad():
-            return g.reference_pathway_forward(model, path, x)
-
-    def dense():
-        with torch.no_grad():
-            return model(x)
-
-    baselines = {"reference": reference, **({"dense": dense} if density == 1.0 else {})}
-    extra = paired(benchmark, lambda: g.fast_pathway_forward(model, path, x, backend=backend), baselines,
-                   rounds=ROUNDS[batch])
+    extra = paired(benchmark, lambda: g.fast_pathway_forward(model, path, x, backend=backend),
+                   baselines(model, path, x, dense=density == 1.0), rounds=ROUNDS[batch])
     record_result((name, batch, sharing, density), f"fast:{backend}", benchmark,
                   ideal_flop_ratio=cost["ideal_flop_ratio"], ideal_bytes_ratio=cost["ideal_bytes_ratio"], **extra)

@@ -19,6 +19,7 @@ wrong), only on a GPU.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -26,6 +27,8 @@ import sys
 
 import pytest
 import torch
+
+import conv_problems  # tests/conv_problems.py
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -157,34 +160,8 @@ def assert_close_to_fp64(out: torch.Tensor, torch_out: torch.Tensor, ref64: torc
     assert e_kernel <= 2 * e_torch + floor, f"{what} kernel error {e_kernel:.3g} vs torch {e_torch:.3g} ({out.dtype})"
 
 
-def make_problem(B, C_in, C_out, Kin, Kout, H, W, k, sharing, stride=1, padding=1, dilation=1, relu=True,
-                 residual=True, bias=True, seed=0, n_in=None, n_out=None, kw=None, group_ids=None):
-    """Random compact problem (float32, CPU): per group a random sorted subset of channels, -1 padded."""
-    gen = torch.Generator().manual_seed(seed)
-    kw = k if kw is None else kw
-    ngroups = {"shared": 1, "class": min(3, B), "sample": B}[sharing]
-    groups = (torch.arange(B) % ngroups).to(torch.int32)
-    in_idx = torch.full((B, Kin), -1, dtype=torch.int32)
-    out_idx = torch.full((B, Kout), -1, dtype=torch.int32)
-    for gg in range(ngroups):
-        ni = n_in if n_in is not None else int(torch.randint(0, min(Kin, C_in) + 1, (1,), generator=gen))
-        no = n_out if n_out is not None else int(torch.randint(0, min(Kout, C_out) + 1, (1,), generator=gen))
-        ic = torch.randperm(C_in, generator=gen)[:ni].sort().values.to(torch.int32)
-        oc = torch.randperm(C_out, generator=gen)[:no].sort().values.to(torch.int32)
-        sel = groups == gg
-        in_idx[sel, :ni] = ic
-        out_idx[sel, :no] = oc
-    if group_ids is not None:
-        groups = torch.tensor(group_ids, dtype=torch.int32)[groups.long()]
-    x = torch.randn(B, Kin, H, W, generator=gen) * (in_idx >= 0).float()[:, :, None, None]
-    weight = torch.randn(C_out, C_in, k, kw, generator=gen) / (C_in * k * kw) ** 0.5
-    b = torch.randn(C_out, generator=gen) if bias else None
-    kh_eff, kw_eff = dilation * (k - 1) + 1, dilation * (kw - 1) + 1
-    Ho = (H + 2 * padding - kh_eff) // stride + 1
-    Wo = (W + 2 * padding - kw_eff) // stride + 1
-    r = torch.randn(B, Kout, Ho, Wo, generator=gen) if residual else None
-    return dict(x=x, in_idx=in_idx, weight=weight, bias=b, out_idx=out_idx, groups=groups, residual=r,
-                stride=stride, padding=padding, dilation=dilation, relu=relu)
+# Random problems: tests/conv_problems.py, weights scaled by 1/sqrt(fan-in) here (float16 / bfloat16 stay O(1)).
+make_problem = functools.partial(conv_problems.make_problem, scale_weight=True)
 
 
 def reference(p, dtype=torch.float64, device="cpu"):

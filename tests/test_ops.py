@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 ops = pytest.importorskip("gencnp_fast.ops")
 from gencnp_fast.ops import gathered_conv2d, gathered_conv2d_reference  # noqa: E402
 
+from conv_problems import make_problem  # noqa: E402  (tests/conv_problems.py)
+
 RTOL = 1e-4
 
 
@@ -22,32 +24,6 @@ def rel_err(a, b):
     if den == 0:
         return float(num)
     return float(num / den)
-
-
-def make_problem(B, C_in, C_out, Kin, Kout, H, W, k, sharing, stride=1, padding=1, dilation=1,
-                 relu=True, residual=True, bias=True, gen=None, n_in=None, n_out=None, kw=None):
-    """Random compact problem: per group a random sorted subset of channels, -1 padded."""
-    g = gen if gen is not None else torch.Generator().manual_seed(0)
-    kw = k if kw is None else kw
-    ngroups = {"shared": 1, "class": min(3, B), "sample": B}[sharing]
-    groups = (torch.arange(B) % ngroups).to(torch.int32)
-    in_idx = torch.full((B, Kin), -1, dtype=torch.int32)
-    out_idx = torch.full((B, Kout), -1, dtype=torch.int32)
-    for gg in range(ngroups):
-        ni = n_in if n_in is not None else int(torch.randint(0, min(Kin, C_in) + 1, (1,), generator=g))
-        no = n_out if n_out is not None else int(torch.randint(0, min(Kout, C_out) + 1, (1,), generator=g))
-        ic = torch.randperm(C_in, generator=g)[:ni].sort().values.to(torch.int32)
-        oc = torch.randperm(C_out, generator=g)[:no].sort().values.to(torch.int32)
-        sel = groups == gg
-        in_idx[sel, :ni] = ic
-        out_idx[sel, :no] = oc
-    x = torch.randn(B, Kin, H, W, generator=g) * (in_idx >= 0).float()[:, :, None, None]
-    weight = torch.randn(C_out, C_in, k, kw, generator=g)
-    b = torch.randn(C_out, generator=g) if bias else None
-    Ho, Wo = ops.conv_output_size(H, W, k, kw, stride, padding, dilation)
-    r = torch.randn(B, Kout, Ho, Wo, generator=g) if residual else None
-    return dict(x=x, in_idx=in_idx, weight=weight, bias=b, out_idx=out_idx, groups=groups,
-                residual=r, stride=stride, padding=padding, dilation=dilation, relu=relu)
 
 
 def dense_oracle(p):
