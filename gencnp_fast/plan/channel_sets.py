@@ -36,7 +36,7 @@ class ChannelSet:
         full: every sample keeps every channel (``idx`` is ``arange(C)`` on every row).
     """
 
-    __slots__ = ("idx", "gid", "ngroups", "channels", "full", "counts", "_pos")
+    __slots__ = ("idx", "gid", "ngroups", "channels", "full", "counts")
 
     def __init__(self, idx: torch.Tensor, gid: torch.Tensor, ngroups: int, channels: int, full: bool, counts: torch.Tensor):
         self.idx = idx
@@ -45,7 +45,6 @@ class ChannelSet:
         self.channels = channels
         self.full = full
         self.counts = counts
-        self._pos: Optional[torch.Tensor] = None
 
     @property
     def width(self) -> int:
@@ -152,17 +151,6 @@ class ChannelSet:
             flat.expand(b, -1) if self.ngroups == 1 else flat, self.gid, self.ngroups, self.channels * spatial,
             False, self.counts * spatial,
         )
-
-    def positions(self) -> torch.Tensor:
-        """int64 ``[B, C]``: where channel ``c`` of sample ``b`` is stored, or ``K`` (the zero slot) if absent."""
-        if self._pos is None:
-            b, k = self.idx.shape
-            pos = torch.full((b, self.channels + 1), k, dtype=torch.int64, device=self.idx.device)
-            src = torch.arange(k, dtype=torch.int64, device=self.idx.device).unsqueeze(0).expand(b, k)
-            # padding (-1) writes to the extra column C, which is dropped
-            pos.scatter_(1, torch.where(self.idx < 0, self.channels, self.idx.long()), src)
-            self._pos = pos[:, : self.channels]
-        return self._pos
 
 
 _HASH_WEIGHTS: Dict[Tuple[int, str], torch.Tensor] = {}
