@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA sources (csrc/cuda/*.cu) without a GPU (DESIGN §7).
+# Compile check of the CUDA sources (csrc/cuda/*.cu) without a GPU (docs/design.md §7).
 #
 #   bash .ci/cuda_build.sh [SOURCE_DIR]        (default: the repository root)
 #

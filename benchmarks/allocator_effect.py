@@ -23,7 +23,7 @@ import json, sys, time
 import torch, torch.nn.functional as F
 import gencnp_fast
 from gencnp_fast import models
-from gencnp_fast.plan.engine import dense_capture
+from gencnp_fast.plan import dense_capture
 if sys.argv[1] == "tuned":
     assert gencnp_fast.tune_allocator()
 

@@ -3,7 +3,7 @@
 Every end-to-end benchmark records its median under a *case key* (model, batch, masks) and a *variant* (dense,
 reference, fast backend). At the end of the run the table puts the variants of one case side by side: the speedup of
 the fast path over the dense masked reference, and that speedup as a fraction of the ideal FLOP ratio and of the
-bytes-based bound (DESIGN §6). ``--save-results NAME`` writes the table to ``benchmarks/results/NAME.md`` and
+bytes-based bound (docs/design.md §6). ``--save-results NAME`` writes the table to ``benchmarks/results/NAME.md`` and
 ``NAME.json``, with the machine it ran on.
 """
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from gencnp_fast import tune_allocator
-from gencnp_fast.ops import gathered_conv2d, gathered_conv2d_reference
+from gencnp_fast.kernels.contract import gathered_conv2d_reference
+from gencnp_fast.ops import gathered_conv2d
 
 # (C_in, C_out, H, k, stride, padding); input channels of the first layer are never masked,
 # the logits of the Linear head are never masked.
@@ -63,19 +64,19 @@ def main():
         line = ["(%d,%d,%d,k%ds%d) dense %6.1f GF/s %7.3fms" % (Kin, Kout, H, k, s, flops / td / 1e9, td * 1e3)]
         for kind in ["shared", "sample"]:
             ng = 1 if kind == "shared" else B
-            g = torch.arange(B) % ng
+            sample_group = (torch.arange(B) % ng).int()
             ii = torch.empty(B, Kin, dtype=torch.int32)
             oi = torch.empty(B, Kout, dtype=torch.int32)
             for gg in range(ng):
-                ii[g == gg] = torch.randperm(C_in)[:Kin].sort().values.int()
-                oi[g == gg] = torch.randperm(C_out)[:Kout].sort().values.int()
+                ii[sample_group == gg] = torch.randperm(C_in)[:Kin].sort().values.int()
+                oi[sample_group == gg] = torch.randperm(C_out)[:Kout].sort().values.int()
             x = torch.randn(B, Kin, H, H)
-            g = g.int()
-            args = (x, ii, w, bias, oi, g, None, s, p, 1, True)
-            ref = gathered_conv2d_reference(*args)
-            err = float((gathered_conv2d(*args) - ref).norm() / ref.norm())
+            kw = dict(x=x, in_idx=ii, weight=w, bias=bias, out_idx=oi, sample_group=sample_group, residual=None,
+                      stride=s, padding=p, dilation=1, relu=True)
+            ref = gathered_conv2d_reference(**kw)
+            err = float((gathered_conv2d(**kw) - ref).norm() / ref.norm())
             assert err < 1e-4, err
-            t = tm(lambda: gathered_conv2d(*args))
+            t = tm(lambda: gathered_conv2d(**kw))
             line.append("%s %6.1f GF/s %7.3fms (%.2fx dense)" % (kind, flops / t / 1e9, t * 1e3, td / t))
         print(" | ".join(line), flush=True)
 

@@ -30,8 +30,7 @@ import torch
 
 import gencnp_fast as g
 from gencnp_fast import models
-from gencnp_fast.kernels import gpu_backends  # noqa: F401  (registers "cuda" and "triton")
-from gencnp_fast.plan.engine import available_backends
+from gencnp_fast.plan import available_backends
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the GPU benchmarks need CUDA")
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 ops = pytest.importorskip("gencnp_fast.ops")
+from gencnp_fast.kernels.contract import gathered_conv2d_reference  # noqa: E402
 
 # name: (C_in, C_out, H, k, stride, padding, relu, input_masked)
 LAYERS = {
@@ -53,11 +54,11 @@ def _problem(layer, density, batch, sharing):
     out_masked = layer != "linear_512to10"  # logits are never masked
     Kout = max(1, round(C_out * density)) if out_masked else C_out
     ngroups = {"shared": 1, "class": min(N_CLASSES, batch), "sample": batch}[sharing]
-    groups = (torch.arange(batch) % ngroups).to(torch.int32)
+    sample_group = (torch.arange(batch) % ngroups).to(torch.int32)
     in_idx = torch.empty(batch, Kin, dtype=torch.int32)
     out_idx = torch.empty(batch, Kout, dtype=torch.int32)
     for gg in range(ngroups):
-        sel = groups == gg
+        sel = sample_group == gg
         in_idx[sel] = torch.randperm(C_in, generator=g)[:Kin].sort().values.to(torch.int32)
         out_idx[sel] = torch.randperm(C_out, generator=g)[:Kout].sort().values.to(torch.int32)
     weight = torch.randn(C_out, C_in, k, k, generator=g) / (C_in * k * k) ** 0.5
@@ -71,8 +72,8 @@ def _problem(layer, density, batch, sharing):
     x_dense = torch.zeros(batch, C_in, H, H)
     x_dense.scatter_(1, in_idx.long()[:, :, None, None].expand(batch, Kin, H, H), x)
     Ho = (H + 2 * padding - k) // stride + 1
-    p = dict(x=x, in_idx=in_idx, weight=weight, bias=bias, out_idx=out_idx, groups=groups, residual=None,
-             stride=stride, padding=padding, dilation=1, relu=relu, x_dense=x_dense,
+    p = dict(x=x, in_idx=in_idx, weight=weight, bias=bias, out_idx=out_idx, sample_group=sample_group,
+             residual=None, stride=stride, padding=padding, dilation=1, relu=relu, x_dense=x_dense,
              out_mask=out_mask[:, :, None, None].contiguous(), ngroups=ngroups, Ho=Ho, Kin=Kin, Kout=Kout)
     _cache.clear()  # keep memory bounded: only the current problem
     _cache[key] = p
@@ -124,19 +125,19 @@ def test_layer(benchmark, impl, layer, density, batch):
         # correctness: the active channels of the dense masked output are the op's output
         y = fn()
         got = y.gather(1, p["out_idx"].long()[:, :, None, None].expand(-1, -1, y.shape[2], y.shape[3]))
-        ref = ops.gathered_conv2d_reference(p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"],
-                                            p["groups"], None, s, pad, 1, p["relu"])
+        ref = gathered_conv2d_reference(p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"],
+                                        p["sample_group"], None, s, pad, 1, p["relu"])
     else:
-        args = (p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"], p["groups"], None, [s, s], [pad, pad],
-                [1, 1], p["relu"])
+        args = (p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"], p["sample_group"], None, [s, s],
+                [pad, pad], [1, 1], p["relu"])
         op = torch.ops.gencnp_fast.gathered_conv2d
 
         def fn():
             return op(*args)
 
         got = fn()
-        ref = ops.gathered_conv2d_reference(p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"],
-                                            p["groups"], None, s, pad, 1, p["relu"])
+        ref = gathered_conv2d_reference(p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"],
+                                        p["sample_group"], None, s, pad, 1, p["relu"])
     err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
     assert err <= 1e-4, err
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""End-to-end pathway forward on CIFAR-sized VGG-16-BN and ResNet-18 (DESIGN §6).
+"""End-to-end pathway forward on CIFAR-sized VGG-16-BN and ResNet-18 (docs/design.md §6).
 
 Side by side in one run: the dense model, the dense masked reference (forward hooks), and the fast path per
 backend, for densities {1, 0.5, 0.25, 0.1}, batches {1, 16, 64} and mask sharing {one shared mask, per class
@@ -18,7 +18,7 @@ import torch
 
 import gencnp_fast as g
 from gencnp_fast import models
-from gencnp_fast.plan.engine import available_backends
+from gencnp_fast.plan import available_backends
 
 MODELS = ["vgg16_bn_cifar", "resnet18_cifar"]
 BATCHES = [1, 16, 64]

@@ -3,22 +3,24 @@
 // Backends register their kernels with TORCH_LIBRARY_IMPL(gencnp_fast, <Key>, m):
 //   csrc/cpu/gathered_conv2d_cpu.cpp   (CPU)
 //   csrc/cuda/*.cu                     (CUDA, built only when available)
-// The fake (meta) kernels live in gencnp_fast/ops.py (torch.library.register_fake).
+// Both read their arguments through one check, csrc/gathered_conv_params.h. The fake (meta) kernel lives in
+// src/gencnp_fast/ops.py (torch.library.register_fake); the Triton backend is the Python custom op
+// gencnp_fast::gathered_conv2d_triton (src/gencnp_fast/kernels/triton_conv.py) with the same contract.
 #include <torch/library.h>
 
 TORCH_LIBRARY(gencnp_fast, m) {
-  // Gathered ("compacted") 2-D convolution, groups=1, NCHW float32.
+  // Gathered ("compacted") 2-D convolution, groups=1, NCHW (docs/design.md §3).
   //   out[b, j] = act(bias[o] + sum_{j' valid} conv(x[b, j'], weight[o, in_idx[b, j']]) + residual[b, j])
   //   with o = out_idx[b, j]; out[b, j] = 0 where out_idx[b, j] == -1.
   // x: [B, Kin, H, W]; in_idx: int32 [B, Kin]; weight: [C_out, C_in, kh, kw] (plain layout,
   // BN folded, no pre-packing); bias: [C_out] or None; out_idx: int32 [B, Kout];
-  // groups: int32 [B] (equal value => identical in_idx/out_idx rows);
-  // residual: [B, Kout, Ho, Wo] aligned with out_idx, or None.
-  // problems, max_group (optional): the grouped-problem list of `groups`, precomputed on the host (csrc/problems.h):
-  // int32 [B + 2G] on x's device (samples sorted by group, group starts, group sizes) and the largest group. With
-  // them the CUDA kernel sizes its launch without a device-to-host synchronisation.
+  // sample_group: int32 [B], the mask group of each sample (equal value => identical in_idx/out_idx rows; one
+  // weight tile is gathered per group); residual: [B, Kout, Ho, Wo] aligned with out_idx, or None.
+  // problems, max_group (optional): the grouped-problem list of sample_group, planned beforehand: int32 [B + 2G] on
+  // x's device (samples sorted by group, group starts, group sizes) and the largest group. With them the CUDA
+  // kernel sizes its launch without a device-to-host synchronisation; without them each backend derives them.
   m.def(
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
-      "Tensor groups, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor sample_group, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "bool relu, Tensor? problems=None, int max_group=-1) -> Tensor");
 }

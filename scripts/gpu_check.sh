@@ -5,8 +5,9 @@
 #
 #   1. environment (nvidia-smi, torch / CUDA / cuDNN / Triton versions)        -> summary.txt
 #   2. build the extension with its CUDA kernels (GENCNP_FAST_FORCE_CUDA=1)     -> build.log
-#   3. GPU tests: tests/test_cuda_build.py, tests/test_gpu_kernels.py (both backends against float64 oracles and
-#      the dense masked reference, float32 / float16 / bfloat16)                -> tests.log
+#   3. GPU tests: the cuda and triton cases of tests/test_ops.py, tests/test_engine.py, tests/test_run_indices.py,
+#      tests/test_triton_kernel.py and tests/test_cuda_build.py (both backends against float64 oracles and the dense
+#      masked reference, float32 / float16 / bfloat16)                           -> tests.log
 #   4. benchmarks, the must-reach cases first: VGG-16 and ResNet-50 at 224x224, batch 64, per-sample masks,
 #      density 1 / 0.5 / 0.25, both backends, beside cuDNN dense and the dense masked reference
 #                                                                                -> bench.log, gpu_<card>_mustreach.{md,json}
@@ -87,14 +88,15 @@ if want build; then
     fi
     say "build ok"
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch, gencnp_fast.ops; from gencnp_fast.plan.engine import available_backends; print('CUDA kernel registered:', torch._C._dispatch_has_kernel_for_dispatch_key('gencnp_fast::gathered_conv2d', 'CUDA'), '| backends for cuda tensors:', available_backends('cuda'))" 2>&1 | tee -a "$OUT/summary.txt"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import torch, gencnp_fast.ops; from gencnp_fast.plan import available_backends; print('CUDA kernel registered:', torch._C._dispatch_has_kernel_for_dispatch_key('gencnp_fast::gathered_conv2d', 'CUDA'), '| backends for cuda tensors:', available_backends('cuda'))" 2>&1 | tee -a "$OUT/summary.txt"
 
 # ---- 3. GPU tests
 if want tests; then
     say "tests (limit $(limit 240)s)"
-    timeout "$(limit 240)" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_build.py \
-        tests/test_gpu_kernels.py >"$OUT/tests.log" 2>&1
+    timeout "$(limit 240)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton or gpu" \
+        tests/test_cuda_build.py tests/test_ops.py tests/test_engine.py tests/test_run_indices.py \
+        tests/test_triton_kernel.py >"$OUT/tests.log" 2>&1
     rc=$?
     say "tests rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30 | tee -a "$OUT/summary.txt"

@@ -1,8 +1,9 @@
-"""fast_pathway_forward against the reference (the dense masked model), on every CPU backend."""
+"""fast_pathway_forward against the reference (the dense masked model), one test body over every backend
+(tests/conftest.py: cpu, torch, triton, cuda; skipped with the reason where a backend cannot run here)."""
 
 from __future__ import annotations
 
-import os
+import warnings
 
 import pytest
 import torch
@@ -11,17 +12,10 @@ import torch.nn.functional as F
 
 import gencnp_fast as g
 from gencnp_fast import models
-from gencnp_fast.plan.engine import available_backends, get_plan
+from gencnp_fast.plan import backends as B
+from gencnp_fast.plan import dense_capture, get_plan
 
-BACKENDS = [b for b in ("cpu", "torch") if b in available_backends("cpu")]
-if os.environ.get("CI") == "true":
-    # CI builds the extension: its absence is a failure, not a skip.
-    assert "cpu" in BACKENDS, "the compiled extension did not load in CI"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+from conftest import INTERPRET, HAS_GPU, assert_close_to_fp64, backend_device, rel_err, skip_reason
 
 
 def small_resnet_basic():
@@ -79,42 +73,70 @@ MODELS = {
 }
 
 
-def make(name, seed=0):
+TINY = {  # small enough for the Triton interpreter
+    "resnet_basic": lambda: models.ResNet(models.BasicBlock, [1, 1], num_classes=10, width=4, cifar_stem=True),
+    "resnet_bottleneck": lambda: models.ResNet(models.Bottleneck, [1, 1], num_classes=6, width=4, cifar_stem=True),
+    "vgg": lambda: models.VGG(models.make_vgg_features([4, "M", 8, 8, "M", 8], True), num_classes=5, pool_size=1,
+                              hidden=12, feature_channels=8),
+}
+
+interpreter_too_slow = "too slow for the Triton interpreter (test_tiny_models_match_reference runs there)"
+
+
+def make(name, seed=0, device="cpu"):
     torch.manual_seed(seed)
     factory, shape = MODELS[name]
     model = models.randomize_bn(factory(), torch.Generator().manual_seed(seed)).eval()
-    return model, shape
+    return model.to(device), shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def random_pathway(units, density, batch, sharing, gen, device="cpu"):
+    if sharing == "shared":
+        return g.Pathway.random(units, density, None, generator=gen, device=device)
+    groups = torch.arange(batch) % 2 if sharing == "per_class" else None
+    return g.Pathway.random(units, density, batch, groups=groups, generator=gen, device=device)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.25, 0.1, 0.0])
 @pytest.mark.parametrize("sharing", ["shared", "per_class", "per_sample"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_matches_reference(backend, name, density, sharing, batch):
-    model, shape = make(name)
+    if INTERPRET:
+        pytest.skip(interpreter_too_slow)
+    dev = backend_device(backend)
+    model, shape = make(name, device=dev)
     gen = torch.Generator().manual_seed(hash((name, density, sharing, batch)) % 2**31)
-    x = torch.randn((batch,) + shape, generator=gen)
-    units = g.pathway_units(model, x)
-    if sharing == "shared":
-        path = g.Pathway.random(units, density, None, generator=gen)
-    elif sharing == "per_class":
-        path = g.Pathway.random(units, density, batch, groups=torch.arange(batch) % 2, generator=gen)
-    else:
-        path = g.Pathway.random(units, density, batch, generator=gen)
+    x = torch.randn((batch,) + shape, generator=gen).to(dev)
+    path = random_pathway(g.pathway_units(model, x), density, batch, sharing, gen, dev)
     ref = g.reference_pathway_forward(model, path, x)
     out = g.fast_pathway_forward(model, path, x, backend=backend)
-    assert out.shape == ref.shape
+    assert out.shape == ref.shape and out.device == x.device
     assert rel_err(out, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("sharing,density", [("shared", 0.5), ("per_class", 0.25), ("per_sample", 0.5),
+                                             ("per_sample", 1.0), ("per_sample", 0.0)])
+def test_tiny_models_match_reference(backend, name, sharing, density):
+    dev = backend_device(backend)
+    model = models.randomize_bn(TINY[name](), torch.Generator().manual_seed(0)).eval().to(dev)
+    gen = torch.Generator().manual_seed(hash((name, sharing, density)) % 2**31)
+    x = torch.randn(3, 3, 8, 8, generator=gen).to(dev)
+    path = random_pathway(g.pathway_units(model, x), density, 3, sharing, gen, dev)
+    ref = g.reference_pathway_forward(model, path, x)
+    out = g.fast_pathway_forward(model, path, x, backend=backend)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= 1e-4, rel_err(out, ref)
+
+
 def test_mixed_empty_full_and_missing_units(backend):
     """Some samples with an empty unit, some with a full one, some units not in the mapping."""
-    model, shape = make("resnet_basic", 3)
-    x = torch.randn((4,) + shape)
+    dev = backend_device(backend)
+    model = models.randomize_bn(TINY["resnet_basic"](), torch.Generator().manual_seed(1)).eval().to(dev)
+    x = torch.randn(4, 3, 8, 8).to(dev)
     units = g.pathway_units(model, x)
-    path = dict(g.Pathway.random(units, 0.4, 4, generator=torch.Generator().manual_seed(1)))
+    path = dict(g.Pathway.random(units, 0.4, 4, generator=torch.Generator().manual_seed(1), device=dev))
     path[units[1].name][0] = False  # sample 0: an empty unit
     path[units[2].name][1] = True  # sample 1: a full unit
     del path[units[3].name]  # a unit kept whole
@@ -123,22 +145,22 @@ def test_mixed_empty_full_and_missing_units(backend):
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_mask_equals_dense_model(backend):
-    model, shape = make("vgg_bn")
-    x = torch.randn((3,) + shape)
+    dev = backend_device(backend)
+    model = models.randomize_bn(TINY["vgg"](), torch.Generator().manual_seed(2)).eval().to(dev)
+    x = torch.randn(3, 3, 8, 8).to(dev)
     with torch.no_grad():
         dense = model(x)
     assert rel_err(g.fast_pathway_forward(model, None, x, backend=backend), dense) <= 1e-4
     assert rel_err(g.fast_pathway_forward(model, {}, x, backend=backend), dense) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_and_noncontiguous_inputs(backend):
-    model, shape = make("resnet_basic")
-    base = torch.randn((6,) + shape)
+    dev = backend_device(backend)
+    model = models.randomize_bn(TINY["resnet_basic"](), torch.Generator().manual_seed(3)).eval().to(dev)
+    base = torch.randn(6, 3, 8, 8).to(dev)
     units = g.pathway_units(model, base)
-    path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0))
+    path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0), device=dev)
     for x in (base[::2], base[:3].to(memory_format=torch.channels_last), base[:3].transpose(2, 3)):
         ref = g.reference_pathway_forward(model, path, x)
         assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
@@ -238,9 +260,42 @@ def test_error_backend(vgg):
     model, x, units = vgg
     with pytest.raises(ValueError, match="unknown backend"):
         g.fast_pathway_forward(model, None, x, backend="tpu")
-    if "cpu" in BACKENDS:
-        with pytest.raises(ValueError, match="float32"):
-            g.fast_pathway_forward(model.double(), None, x.double(), backend="cpu")
+    with pytest.raises(ValueError, match="float32"):
+        g.fast_pathway_forward(model.double(), None, x.double(), backend="cpu")
+    with pytest.raises(ValueError, match="runs on cuda"):
+        g.fast_pathway_forward(model, None, x, backend="cuda")
+
+
+def test_auto_without_the_extension_warns_once(vgg, monkeypatch):
+    """Without the compiled extension "auto" runs the reference and says so once; a named backend is refused
+    with the reason; the reference itself needs nothing compiled."""
+    model, x, units = vgg
+    monkeypatch.setattr(B, "extension_error", lambda: "gencnp_fast._C could not be imported: (simulated)")
+    B._warn_once.cache_clear()
+    path = g.Pathway.random(units, 0.5, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="slow dense reference"):
+        out = g.fast_pathway_forward(model, path, x)
+    assert torch.equal(out, g.reference_pathway_forward(model, path, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.fast_pathway_forward(model, path, x)  # once
+    assert g.available_backends("cpu") == ["reference"]
+    with pytest.raises(RuntimeError, match="needs the compiled extension .*simulated"):
+        g.fast_pathway_forward(model, path, x, backend="cpu")
+    B._warn_once.cache_clear()
+
+
+def test_auto_on_a_dtype_no_kernel_takes_says_so(vgg):
+    if skip_reason("torch"):
+        pytest.skip(skip_reason("torch"))
+    model, x, units = vgg
+    B._warn_once.cache_clear()
+    path = g.Pathway.random(units, 0.5, 2, generator=torch.Generator().manual_seed(0))
+    model64 = make("vgg_bn")[0].double()
+    with pytest.warns(RuntimeWarning, match="plain-torch convolutions"):
+        out = g.fast_pathway_forward(model64, path, x.double())
+    assert rel_err(out, g.reference_pathway_forward(model64, path, x.double())) <= 1e-10
+    B._warn_once.cache_clear()
 
 
 def test_pathway_container_roundtrip(tmp_path, vgg):
@@ -282,26 +337,28 @@ class ViewFlatten(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_view_flatten_and_method_relu(backend):
     torch.manual_seed(0)
-    model = ViewFlatten().eval()
-    x = torch.randn(3, 2, 4, 4)
+    dev = backend_device(backend)
+    model = ViewFlatten().eval().to(dev)
+    x = torch.randn(3, 2, 4, 4).to(dev)
     units = g.pathway_units(model, x)
     assert [u.name for u in units] == ["relu", "relu_1"]
-    path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0))
+    path = g.Pathway.random(units, 0.5, 3, generator=torch.Generator().manual_seed(0), device=dev)
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), g.reference_pathway_forward(model, path, x)) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet_basic", "resnet_bottleneck", "handwritten"])
 def test_full_layers_beside_pruned_ones(backend, name):
     """Every unit kept whole but one: the plan's dense-conv branch (BN folded) next to gathered convs."""
-    model, shape = make(name, 7)
-    x = torch.randn((3,) + shape)
+    if INTERPRET:
+        pytest.skip(interpreter_too_slow)
+    dev = backend_device(backend)
+    model, shape = make(name, 7, device=dev)
+    x = torch.randn((3,) + shape).to(dev)
     units = g.pathway_units(model, x)
-    path = dict(g.Pathway.full(units, 3))
-    path[units[len(units) // 2].name] = g.Pathway.random(units, 0.5, 3)[units[len(units) // 2].name]
+    path = dict(g.Pathway.full(units, 3).to(dev))
+    path[units[len(units) // 2].name] = g.Pathway.random(units, 0.5, 3, device=dev)[units[len(units) // 2].name]
     ref = g.reference_pathway_forward(model, path, x)
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
 
@@ -309,8 +366,6 @@ def test_full_layers_beside_pruned_ones(backend, name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_dense_capture_matches_hooked_capture(name):
     """The plan's dense forward gives every unit's output as the hooked forward does."""
-    from gencnp_fast.plan.engine import dense_capture
-
     model, shape = make(name, 11)
     x = torch.randn((3,) + shape)
     ref_logits, ref_feats = g.capture_units(model, x)
@@ -320,3 +375,113 @@ def test_dense_capture_matches_hooked_capture(name):
     for n in feats:
         assert feats[n].shape == ref_feats[n].shape
         assert rel_err(feats[n], ref_feats[n]) <= 1e-4, n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU backends on full-size models and in half precision (too large for the interpreter)
+
+gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (too large for the interpreter)")
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["resnet18_cifar", "vgg16_bn_cifar"])
+@pytest.mark.parametrize("sharing,density", [("shared", 0.25), ("per_class", 0.5), ("per_sample", 0.25),
+                                             ("per_sample", 0.1), ("per_sample", 1.0)])
+def test_full_size_models(backend, name, sharing, density):
+    """The benchmark models (64-512 channels, 32x32 down to 2x2 maps: several M and N tiles, every tile family)
+    against a float64 reference."""
+    dev = backend_device(backend)
+    model = models.randomize_bn(getattr(models, name)(), torch.Generator().manual_seed(2)).eval().to(dev)
+    batch = 12
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev)
+    units = g.pathway_units(model, x)
+    groups = {"shared": None, "per_class": torch.arange(batch) % 4, "per_sample": None}[sharing]
+    path = g.Pathway.random(units, density, None if sharing == "shared" else batch, groups=groups, generator=gen,
+                            device=dev)
+    with torch.no_grad():
+        ref = g.reference_pathway_forward(model.double(), path, x.double())
+        model.float()
+    out = g.fast_pathway_forward(model, path, x, backend=backend)
+    assert rel_err(out, ref) <= 1e-4, rel_err(out, ref)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sharing", ["shared", "per_sample"])
+def test_half_precision_models(backend, dtype, sharing):
+    """docs/design.md §6 on a whole model: the fast path's error against a float64 reference is within 2x torch's
+    own (the dense masked reference run in the same dtype), plus a few units of rounding."""
+    if backend not in ("cuda", "triton"):
+        pytest.skip(f"{backend} computes float32 only here")
+    dev = backend_device(backend)
+    model = models.randomize_bn(models.resnet18_cifar(), torch.Generator().manual_seed(4)).eval().to(dev)
+    batch = 8
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev).to(dtype)
+    units = g.pathway_units(model, x.float())
+    path = g.Pathway.random(units, 0.5, None if sharing == "shared" else batch, generator=gen, device=dev)
+    with torch.no_grad():
+        ref64 = g.reference_pathway_forward(model.double(), path, x.double())
+        torch_out = g.reference_pathway_forward(model.to(dtype), path, x)
+    out = g.fast_pathway_forward(model, path, x, backend=backend)
+    assert out.dtype == dtype
+    assert_close_to_fp64(out, torch_out, ref64, f"{backend} {sharing}")
+
+
+@gpu_only
+def test_auto_backend_on_cuda_tensors():
+    """backend="auto" on CUDA tensors picks a GPU backend (cuda, else triton) and matches the reference."""
+    avail = g.available_backends("cuda")
+    assert any(b in avail for b in ("cuda", "triton")), avail
+    model = models.randomize_bn(TINY["resnet_basic"](), torch.Generator().manual_seed(6)).eval().cuda()
+    x = torch.randn(5, 3, 8, 8).cuda()
+    path = g.Pathway.random(g.pathway_units(model, x), 0.5, 5, generator=torch.Generator().manual_seed(6),
+                            device="cuda")
+    assert B.pick_backend("auto", x) in ("cuda", "triton")
+    out = g.fast_pathway_forward(model, path, x)
+    assert out.device.type == "cuda"
+    assert rel_err(out, g.reference_pathway_forward(model, path, x)) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN and inf propagate as in the reference (docs/design.md §2): through kept channels, never from pruned ones
+
+def _poison(model, x, where):
+    """Put a NaN or inf in the input, or in a weight / BN bias of a kept (channel 0) or pruned (channel 3) output
+    channel of the first conv."""
+    conv, bn = model.features[0], model.features[1]
+    with torch.no_grad():
+        if where == "input_nan":
+            x[0, 1, 3, 3] = float("nan")
+        elif where == "input_inf":
+            x[1, 0, 2, 5] = float("inf")
+        elif where.startswith("weight"):
+            conv.weight[0 if where.endswith("kept") else 3, 1, 1, 1] = float("nan")
+        else:
+            bn.bias[0 if where.endswith("kept") else 3] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("where", ["input_nan", "input_inf", "weight_kept", "weight_pruned", "bias_kept",
+                                   "bias_pruned"])
+@pytest.mark.parametrize("sharing", ["shared", "per_sample"])
+def test_nan_and_inf_propagate_as_the_reference(backend, where, sharing):
+    dev = backend_device(backend)
+    model = models.randomize_bn(TINY["vgg"](), torch.Generator().manual_seed(8)).eval()
+    x = _poison(model, torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(9)), where)
+    model, x = model.to(dev), x.to(dev)
+    units = g.pathway_units(model, x)
+    path = dict(g.Pathway.random(units, 0.6, None if sharing == "shared" else 3,
+                                 generator=torch.Generator().manual_seed(10), device=dev))
+    first = path[units[0].name]
+    first[..., 0], first[..., 3] = True, False  # channel 0 kept, channel 3 pruned in every sample
+    ref = g.reference_pathway_forward(model, path, x)
+    out = g.fast_pathway_forward(model, path, x, backend=backend)
+    if where.endswith("pruned"):
+        assert bool(torch.isfinite(ref).all())  # a pruned channel's NaN / inf does not leak
+    else:
+        assert not bool(torch.isfinite(ref).all())
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert rel_err(out[finite], ref[finite]) <= 1e-4

@@ -26,7 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../problems.h"
+#include "../gathered_conv_params.h"
 
 #include <algorithm>
 #include <atomic>
@@ -314,7 +314,7 @@ inline void epilogue_impl(float* __restrict out, const float* __restrict res, co
       for (int n = 0; n < nr; ++n) {
         float v = Ct[n * MR + r] + bv;
         if (RES) v += res[o + n];
-        if (RELU) v = v > 0.f ? v : 0.f;
+        if (RELU) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
         out[o + n] = v;
       }
     }
@@ -325,7 +325,7 @@ inline void epilogue_impl(float* __restrict out, const float* __restrict res, co
         const int64_t o = cbase[n] + roff[r];
         float v = Ct[n * MR + r] + bv;
         if (RES) v += res[o];
-        if (RELU) v = v > 0.f ? v : 0.f;
+        if (RELU) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
         out[o] = v;
       }
     }
@@ -440,186 +440,84 @@ void run_item(const Problem& pb, const WorkItem& it) {
   }
 }
 
-std::vector<int64_t> expand_param(at::IntArrayRef v, const char* name) {
-  TORCH_CHECK(v.size() == 1 || v.size() == 2, "gathered_conv2d: ", name,
-              " must have 1 or 2 elements, got ", v.size());
-  return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
-}
-
-}  // namespace
-
-at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_in,
-                               const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-                               const at::Tensor& out_idx_in, const at::Tensor& groups_in,
-                               const c10::optional<at::Tensor>& residual_in, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                               const c10::optional<at::Tensor>& problems, int64_t max_group) {
-  // ---- checks -------------------------------------------------------------------------
-  auto check_cpu = [](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device().is_cpu(), "gathered_conv2d: ", name, " must be a CPU tensor, got ",
-                t.device());
-  };
-  check_cpu(x_in, "x");
-  check_cpu(in_idx_in, "in_idx");
-  check_cpu(weight_in, "weight");
-  check_cpu(out_idx_in, "out_idx");
-  check_cpu(groups_in, "groups");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gathered_conv2d: x must be float32, got ",
-              x_in.scalar_type());
-  TORCH_CHECK(weight_in.scalar_type() == at::kFloat, "gathered_conv2d: weight must be float32, got ",
-              weight_in.scalar_type());
-  TORCH_CHECK(in_idx_in.scalar_type() == at::kInt, "gathered_conv2d: in_idx must be int32, got ",
-              in_idx_in.scalar_type());
-  TORCH_CHECK(out_idx_in.scalar_type() == at::kInt, "gathered_conv2d: out_idx must be int32, got ",
-              out_idx_in.scalar_type());
-  TORCH_CHECK(groups_in.scalar_type() == at::kInt, "gathered_conv2d: groups must be int32, got ",
-              groups_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 4, "gathered_conv2d: x must be [B, Kin, H, W], got shape ", x_in.sizes());
-  TORCH_CHECK(weight_in.dim() == 4, "gathered_conv2d: weight must be [C_out, C_in, kh, kw], got shape ",
-              weight_in.sizes());
-  const int64_t B = x_in.size(0), Kin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t Cout = weight_in.size(0), Cin = weight_in.size(1), kh = weight_in.size(2),
-                kw = weight_in.size(3);
-  TORCH_CHECK(in_idx_in.dim() == 2 && in_idx_in.size(0) == B && in_idx_in.size(1) == Kin,
-              "gathered_conv2d: in_idx must be [B, Kin] = [", B, ", ", Kin, "], got ", in_idx_in.sizes());
-  TORCH_CHECK(out_idx_in.dim() == 2 && out_idx_in.size(0) == B,
-              "gathered_conv2d: out_idx must be [B, Kout] with B = ", B, ", got ", out_idx_in.sizes());
-  const int64_t Kout = out_idx_in.size(1);
-  TORCH_CHECK(groups_in.dim() == 1 && groups_in.size(0) == B, "gathered_conv2d: groups must be [B] = [",
-              B, "], got ", groups_in.sizes());
-  check_problems(problems, max_group, B, x_in.device());  // checked only: the CPU kernel groups on the host
-  const auto st = expand_param(stride, "stride");
-  const auto pd = expand_param(padding, "padding");
-  const auto dl = expand_param(dilation, "dilation");
-  TORCH_CHECK(st[0] >= 1 && st[1] >= 1, "gathered_conv2d: stride must be >= 1, got ", stride);
-  TORCH_CHECK(pd[0] >= 0 && pd[1] >= 0, "gathered_conv2d: padding must be >= 0, got ", padding);
-  TORCH_CHECK(dl[0] >= 1 && dl[1] >= 1, "gathered_conv2d: dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(kh >= 1 && kw >= 1, "gathered_conv2d: empty kernel ", weight_in.sizes());
-  const int64_t Ho = (H + 2 * pd[0] - dl[0] * (kh - 1) - 1) / st[0] + 1;
-  const int64_t Wo = (W + 2 * pd[1] - dl[1] * (kw - 1) - 1) / st[1] + 1;
-  TORCH_CHECK(H + 2 * pd[0] - dl[0] * (kh - 1) - 1 >= 0 && W + 2 * pd[1] - dl[1] * (kw - 1) - 1 >= 0,
-              "gathered_conv2d: input ", H, "x", W, " is smaller than the (dilated) kernel ", kh, "x", kw,
-              " with padding ", padding);
-  at::Tensor bias, residual;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_cpu(*bias_in, "bias");
-    TORCH_CHECK(bias_in->scalar_type() == at::kFloat, "gathered_conv2d: bias must be float32, got ",
-                bias_in->scalar_type());
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, "gathered_conv2d: bias must be [C_out] = [",
-                Cout, "], got ", bias_in->sizes());
-    bias = bias_in->contiguous();
-  }
-  if (residual_in.has_value() && residual_in->defined()) {
-    check_cpu(*residual_in, "residual");
-    TORCH_CHECK(residual_in->scalar_type() == at::kFloat, "gathered_conv2d: residual must be float32, got ",
-                residual_in->scalar_type());
-    TORCH_CHECK(residual_in->dim() == 4 && residual_in->size(0) == B && residual_in->size(1) == Kout &&
-                    residual_in->size(2) == Ho && residual_in->size(3) == Wo,
-                "gathered_conv2d: residual must be [B, Kout, Ho, Wo] = [", B, ", ", Kout, ", ", Ho, ", ", Wo,
-                "], got ", residual_in->sizes());
-    residual = residual_in->contiguous();
-  }
-
-  auto out = at::empty({B, Kout, Ho, Wo}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0 || Kout == 0 || Ho * Wo == 0) return out;
-
-  const auto x = x_in.contiguous();
-  const auto w = weight_in.contiguous();
-  const auto in_idx = in_idx_in.contiguous();
-  const auto out_idx = out_idx_in.contiguous();
-  const auto groups_t = groups_in.contiguous();
-  const int32_t* ii = in_idx.data_ptr<int32_t>();
-  const int32_t* oi = out_idx.data_ptr<int32_t>();
-  const int32_t* gr = groups_t.data_ptr<int32_t>();
-
-  for (int64_t n = 0; n < B * Kin; ++n) {
-    TORCH_CHECK(ii[n] >= -1 && ii[n] < Cin, "gathered_conv2d: in_idx[", n / std::max<int64_t>(Kin, 1), ", ",
-                n % std::max<int64_t>(Kin, 1), "] = ", ii[n], " is out of range [-1, ", Cin, ")");
-  }
-  for (int64_t n = 0; n < B * Kout; ++n) {
-    TORCH_CHECK(oi[n] >= -1 && oi[n] < Cout, "gathered_conv2d: out_idx[", n / Kout, ", ", n % Kout, "] = ", oi[n],
-                " is out of range [-1, ", Cout, ")");
-  }
-
-  // ---- problem description ---------------------------------------------------------------
+// The problem description of a call: geometry, pointers, and per group its samples and valid entries (read from
+// the problem list the params carry). Samples of one group must have identical in_idx / out_idx rows.
+Problem describe(const GatheredConvParams& p, at::Tensor& out) {
   Problem pb;
   ConvGeom& G = pb.geo;
-  G.Kin = Kin; G.H = H; G.W = W; G.HW = H * W; G.Ho = Ho; G.Wo = Wo; G.P = Ho * Wo;
-  G.kh = kh; G.kw = kw; G.khw = kh * kw; G.sh = st[0]; G.sw = st[1]; G.ph = pd[0]; G.pw = pd[1];
-  G.dh = dl[0]; G.dw = dl[1]; G.Cin = Cin; G.Kout = Kout;
-  G.padded = pd[0] > 0 || pd[1] > 0;
-  G.Hp = H + 2 * pd[0];
-  G.Wp = W + 2 * pd[1];
+  G.Kin = p.Kin; G.H = p.H; G.W = p.W; G.HW = p.H * p.W; G.Ho = p.Ho; G.Wo = p.Wo; G.P = p.Ho * p.Wo;
+  G.kh = p.kh; G.kw = p.kw; G.khw = p.kh * p.kw; G.sh = p.sh; G.sw = p.sw; G.ph = p.ph; G.pw = p.pw;
+  G.dh = p.dh; G.dw = p.dw; G.Cin = p.Cin; G.Kout = p.Kout;
+  G.padded = p.ph > 0 || p.pw > 0;
+  G.Hp = p.H + 2 * p.ph;
+  G.Wp = p.W + 2 * p.pw;
   G.plane = G.padded ? G.Hp * G.Wp : G.HW;
-  pb.x = x.data_ptr<float>();
-  pb.w = w.data_ptr<float>();
-  pb.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  pb.residual = residual.defined() ? residual.data_ptr<float>() : nullptr;
+  pb.x = p.x.data_ptr<float>();
+  pb.w = p.weight.data_ptr<float>();
+  pb.bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
+  pb.residual = p.residual.defined() ? p.residual.data_ptr<float>() : nullptr;
   pb.out = out.data_ptr<float>();
-  pb.relu = relu;
+  pb.relu = p.relu;
 
-  // Samples ordered by group id (stable), then one GroupInfo per distinct id.
-  pb.samples.resize(B);
-  std::iota(pb.samples.begin(), pb.samples.end(), int64_t{0});
-  std::stable_sort(pb.samples.begin(), pb.samples.end(),
-                   [gr](int64_t a, int64_t b) { return gr[a] < gr[b]; });
-  for (int64_t s = 0; s < B; ++s) {
-    const int64_t b = pb.samples[s];
-    if (s > 0 && gr[b] == gr[pb.samples[s - 1]]) {
-      GroupInfo& gi = pb.groups.back();
-      const int64_t rep = pb.samples[gi.start];
+  const int64_t B = p.B, Kin = p.Kin, Kout = p.Kout;
+  const int32_t* ii = p.in_idx.data_ptr<int32_t>();
+  const int32_t* oi = p.out_idx.data_ptr<int32_t>();
+  const int32_t* q = p.problems.data_ptr<int32_t>();  // samples by group, starts, sizes (checked)
+  pb.samples.assign(q, q + B);
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    GroupInfo gi;
+    gi.start = q[B + g];
+    gi.count = q[B + p.ngroups + g];
+    const int64_t rep = pb.samples[gi.start];
+    for (int64_t s = gi.start + 1; s < gi.start + gi.count; ++s) {
+      const int64_t b = pb.samples[s];
       TORCH_CHECK(std::memcmp(ii + b * Kin, ii + rep * Kin, sizeof(int32_t) * Kin) == 0 &&
                       std::memcmp(oi + b * Kout, oi + rep * Kout, sizeof(int32_t) * Kout) == 0,
-                  "gathered_conv2d: samples ", rep, " and ", b, " have the same groups value ", gr[b],
-                  " but different in_idx/out_idx rows");
-      gi.count++;
-      continue;
+                  "gathered_conv2d: samples ", rep, " and ", b, " are in one group (sample_group ",
+                  p.sample_group.data_ptr<int32_t>()[b], ") but have different in_idx/out_idx rows");
     }
-    GroupInfo gi;
-    gi.start = s;
-    gi.count = 1;
     gi.in_off = static_cast<int64_t>(pb.in_pos.size());
     for (int64_t j = 0; j < Kin; ++j) {
-      if (ii[b * Kin + j] >= 0) {
+      if (ii[rep * Kin + j] >= 0) {
         pb.in_pos.push_back(j);
-        pb.in_ch.push_back(ii[b * Kin + j]);
+        pb.in_ch.push_back(ii[rep * Kin + j]);
       }
     }
     gi.kv = static_cast<int64_t>(pb.in_pos.size()) - gi.in_off;
     gi.out_off = static_cast<int64_t>(pb.out_pos.size());
     for (int64_t j = 0; j < Kout; ++j) {
-      if (oi[b * Kout + j] >= 0) {
+      if (oi[rep * Kout + j] >= 0) {
         pb.out_pos.push_back(j);
-        pb.out_ch.push_back(oi[b * Kout + j]);
+        pb.out_ch.push_back(oi[rep * Kout + j]);
       }
     }
     gi.mv = static_cast<int64_t>(pb.out_pos.size()) - gi.out_off;
     pb.groups.push_back(gi);
   }
-
   // Rows with out_idx == -1 are exact zeros.
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < Kout; ++j) {
       if (oi[b * Kout + j] < 0) std::memset(pb.out + (b * Kout + j) * G.P, 0, sizeof(float) * G.P);
     }
   }
+  return pb;
+}
 
-  // ---- work items ------------------------------------------------------------------------
-  const int nthreads = std::max(1, at::get_num_threads());
+// Work items: per group, column blocks whose B source stays in L2 while every weight tile streams over it, split
+// into enough items for dynamic load balance (groups differ in size), few enough that the packing duplicated at
+// split boundaries stays negligible.
+std::vector<WorkItem> work_items(Problem& pb, int nthreads) {
+  const ConvGeom& G = pb.geo;
   double total_cost = 0;
   for (auto& gi : pb.groups) {
     const int64_t K = gi.kv * G.khw;
     const int64_t N = gi.count * G.P;
-    // Columns per block: the B source (padded copy or x) of a block should stay in L2 while
-    // every weight tile of the item streams over it.
     const double bytes_per_col = std::max(4.0, 4.0 * gi.kv * G.plane / static_cast<double>(G.P));
     int64_t nc = std::max<int64_t>(NR, static_cast<int64_t>(kBBlockBytes / bytes_per_col) / NR * NR);
     if (N <= nc + nc / 2) nc = (N + NR - 1) / NR * NR;  // one block
     gi.nc = std::max<int64_t>(nc, NR);
     if (gi.mv > 0) total_cost += static_cast<double>(N) * gi.mv * (K + 8);
   }
-  // Enough items for dynamic load balance (groups differ in size), few enough that the
-  // duplicated packing at split boundaries stays negligible.
   const int64_t target_items = nthreads > 1 ? 8 * nthreads : 1;
   std::vector<WorkItem> items;
   for (int64_t g = 0; g < static_cast<int64_t>(pb.groups.size()); ++g) {
@@ -630,7 +528,7 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
     const int64_t nb = (N + gi.nc - 1) / gi.nc;
     const int64_t mtiles = (gi.mv + MR - 1) / MR;
     const double cost = static_cast<double>(N) * gi.mv * (K + 8);
-    int64_t want = std::max<int64_t>(1, static_cast<int64_t>(cost / total_cost * target_items + 0.5));
+    const int64_t want = std::max<int64_t>(1, static_cast<int64_t>(cost / total_cost * target_items + 0.5));
     const int64_t ncs = std::min(nb, want);
     const int64_t ms = std::min(mtiles, (want + ncs - 1) / ncs);
     for (int64_t a = 0; a < ncs; ++a) {
@@ -646,6 +544,25 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& in_idx_
       }
     }
   }
+  return items;
+}
+
+}  // namespace
+
+at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
+                               const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                               const c10::optional<at::Tensor>& problems, int64_t max_group) {
+  static const at::ScalarType kDtypes[] = {at::kFloat};
+  const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
+                                                    padding, dilation, relu, problems, max_group, kDtypes,
+                                                    c10::DeviceType::CPU);
+  auto out = at::empty({p.B, p.Kout, p.Ho, p.Wo}, p.x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.empty_output()) return out;
+  Problem pb = describe(p, out);
+  const int nthreads = std::max(1, at::get_num_threads());
+  const std::vector<WorkItem> items = work_items(pb, nthreads);
   const int64_t nitems = static_cast<int64_t>(items.size());
   if (nitems == 0) return out;
   if (nthreads == 1 || nitems == 1) {

@@ -5,7 +5,7 @@
 //
 // Implicit GEMM over a grouped problem list, one launch for the whole batch (the same mapping as the Triton
 // kernel in gencnp_fast/kernels/triton_conv.py):
-//   * one problem per group of samples sharing a mask (`groups`); problem g is
+//   * one problem per group of samples sharing a mask (`sample_group`); problem g is
 //       C[M, N] = A[M, K] * W[K, N],  M = cnt_g * Ho * Wo (output pixels of all its samples: one gathered weight
 //       tile serves all of them), N = n_out (active output channels), K = n_in * kh * kw
 //     with k = j * kh*kw + r * kw + s (j: position in the compact input = the list of active input channels);
@@ -25,7 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../problems.h"
+#include "../gathered_conv_params.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -254,132 +254,58 @@ __global__ void __launch_bounds__(NT) gathered_conv2d_kernel(
       v = Cs[n][m];
       if (bias != nullptr) v += to_f32(bias[oc]);
       if (res != nullptr) v += to_f32(res[o_off]);
-      if (relu) v = fmaxf(v, 0.f);
+      if (relu) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu (fmaxf would drop it)
     }
     out[o_off] = from_f32<T>(v);
   }
 }
 
-std::vector<int64_t> pair_param(at::IntArrayRef v, const char* name) {
-  TORCH_CHECK(v.size() == 1 || v.size() == 2, "gathered_conv2d: ", name, " must have 1 or 2 values, got ",
-              v.size());
-  return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
-}
-
 template <typename S>
-void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-            const c10::optional<at::Tensor>& res, at::Tensor& out, const at::Tensor& in_idx,
-            const at::Tensor& out_idx, const at::Tensor& n_in, const at::Tensor& n_out, const at::Tensor& samples,
-            const at::Tensor& gstart, const at::Tensor& gcount, dim3 grid, int Kin, int Kout, int H, int W, int Ho,
-            int Wo, int Cin, int kh, int kw, const std::vector<int64_t>& st, const std::vector<int64_t>& pd,
-            const std::vector<int64_t>& dl, bool relu) {
+void launch(const GatheredConvParams& p, at::Tensor& out, const at::Tensor& n_in, const at::Tensor& n_out,
+            const at::Tensor& samples, const at::Tensor& gstart, const at::Tensor& gcount, dim3 grid) {
   using T = typename DeviceType<S>::type;
   constexpr bool kHalf = !std::is_same<S, float>::value;
   auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr<S>()); };
-  const T* bias_p = bias.has_value() ? ptr(*bias) : nullptr;
-  const T* res_p = res.has_value() ? ptr(*res) : nullptr;
+  const T* bias_p = p.bias.defined() ? ptr(p.bias) : nullptr;
+  const T* res_p = p.residual.defined() ? ptr(p.residual) : nullptr;
+  auto i32 = [](int64_t v) { return static_cast<int>(v); };
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   gathered_conv2d_kernel<T, kHalf><<<grid, NT, 0, stream>>>(
-      ptr(x), ptr(w), bias_p, res_p, reinterpret_cast<T*>(out.data_ptr<S>()), in_idx.data_ptr<int>(),
-      out_idx.data_ptr<int>(), n_in.data_ptr<int>(), n_out.data_ptr<int>(), samples.data_ptr<int>(),
-      gstart.data_ptr<int>(), gcount.data_ptr<int>(), Kin, Kout, H, W, Ho, Wo, Cin, kh, kw,
-      static_cast<int>(st[0]), static_cast<int>(st[1]), static_cast<int>(pd[0]), static_cast<int>(pd[1]),
-      static_cast<int>(dl[0]), static_cast<int>(dl[1]), relu);
+      ptr(p.x), ptr(p.weight), bias_p, res_p, reinterpret_cast<T*>(out.data_ptr<S>()), p.in_idx.data_ptr<int>(),
+      p.out_idx.data_ptr<int>(), n_in.data_ptr<int>(), n_out.data_ptr<int>(), samples.data_ptr<int>(),
+      gstart.data_ptr<int>(), gcount.data_ptr<int>(), i32(p.Kin), i32(p.Kout), i32(p.H), i32(p.W), i32(p.Ho),
+      i32(p.Wo), i32(p.Cin), i32(p.kh), i32(p.kw), i32(p.sh), i32(p.sw), i32(p.ph), i32(p.pw), i32(p.dh), i32(p.dw),
+      p.relu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor gathered_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& in_idx_in, const at::Tensor& weight_in,
-                                const c10::optional<at::Tensor>& bias_in, const at::Tensor& out_idx_in,
-                                const at::Tensor& groups_in, const c10::optional<at::Tensor>& residual_in,
+at::Tensor gathered_conv2d_cuda(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
+                                const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group) {
-  TORCH_CHECK(x_in.dim() == 4, "gathered_conv2d: x must be [B, Kin, H, W], got ", x_in.sizes());
-  TORCH_CHECK(weight_in.dim() == 4, "gathered_conv2d: weight must be [C_out, C_in, kh, kw], got ",
-              weight_in.sizes());
-  const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "gathered_conv2d (CUDA): x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(weight_in.scalar_type() == dtype, "gathered_conv2d: weight is ", weight_in.scalar_type(),
-              ", x is ", dtype);
-  TORCH_CHECK(in_idx_in.scalar_type() == at::kInt, "gathered_conv2d: in_idx must be int32");
-  TORCH_CHECK(out_idx_in.scalar_type() == at::kInt, "gathered_conv2d: out_idx must be int32");
-  TORCH_CHECK(groups_in.scalar_type() == at::kInt, "gathered_conv2d: groups must be int32");
-  const auto dev = x_in.device();
-  TORCH_CHECK(dev.is_cuda(), "gathered_conv2d (CUDA): x must be a CUDA tensor");
-  for (const at::Tensor* t : {&in_idx_in, &weight_in, &out_idx_in, &groups_in}) {
-    TORCH_CHECK(t->device() == dev, "gathered_conv2d: all tensors must be on ", dev, ", got one on ", t->device());
-  }
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->device() == dev, "gathered_conv2d: bias must be on ", dev);
-    TORCH_CHECK(bias_in->scalar_type() == dtype, "gathered_conv2d: bias is ", bias_in->scalar_type(),
-                ", x is ", dtype);
-  }
-  if (residual_in.has_value()) {
-    TORCH_CHECK(residual_in->device() == dev, "gathered_conv2d: residual must be on ", dev);
-    TORCH_CHECK(residual_in->scalar_type() == dtype, "gathered_conv2d: residual is ",
-                residual_in->scalar_type(), ", x is ", dtype);
-  }
-  const c10::cuda::CUDAGuard guard(dev);
-
-  const auto st = pair_param(stride, "stride");
-  const auto pd = pair_param(padding, "padding");
-  const auto dl = pair_param(dilation, "dilation");
-  TORCH_CHECK(st[0] >= 1 && st[1] >= 1 && dl[0] >= 1 && dl[1] >= 1 && pd[0] >= 0 && pd[1] >= 0,
-              "gathered_conv2d: stride and dilation must be >= 1, padding >= 0");
-
-  const int64_t B = x_in.size(0), Kin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t Cout = weight_in.size(0), Cin = weight_in.size(1), kh = weight_in.size(2), kw = weight_in.size(3);
-  TORCH_CHECK(in_idx_in.dim() == 2 && in_idx_in.size(0) == B && in_idx_in.size(1) == Kin,
-              "gathered_conv2d: in_idx must be [B, Kin] = [", B, ", ", Kin, "], got ", in_idx_in.sizes());
-  TORCH_CHECK(out_idx_in.dim() == 2 && out_idx_in.size(0) == B, "gathered_conv2d: out_idx must be [B, Kout], got ",
-              out_idx_in.sizes());
-  TORCH_CHECK(groups_in.dim() == 1 && groups_in.size(0) == B, "gathered_conv2d: groups must be [B], got ",
-              groups_in.sizes());
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, "gathered_conv2d: bias must be [C_out] = [",
-                Cout, "], got ", bias_in->sizes());
-  }
-  const int64_t Kout = out_idx_in.size(1);
-  const int64_t Ho = (H + 2 * pd[0] - dl[0] * (kh - 1) - 1) / st[0] + 1;
-  const int64_t Wo = (W + 2 * pd[1] - dl[1] * (kw - 1) - 1) / st[1] + 1;
-  TORCH_CHECK(H + 2 * pd[0] - dl[0] * (kh - 1) - 1 >= 0 && W + 2 * pd[1] - dl[1] * (kw - 1) - 1 >= 0,
-              "gathered_conv2d: the kernel (with dilation) is larger than the padded input");
-  if (residual_in.has_value()) {
-    TORCH_CHECK(residual_in->dim() == 4 && residual_in->size(0) == B && residual_in->size(1) == Kout &&
-                    residual_in->size(2) == Ho && residual_in->size(3) == Wo,
-                "gathered_conv2d: residual must be [", B, ", ", Kout, ", ", Ho, ", ", Wo, "], got ",
-                residual_in->sizes());
-  }
+  static const at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
+                                                    padding, dilation, relu, problems, max_group, kDtypes,
+                                                    c10::DeviceType::CUDA);
   // 32-bit index arithmetic inside one sample; per-sample offsets are 64-bit.
-  TORCH_CHECK(Kin * H * W < INT32_MAX && Cin * kh * kw < INT32_MAX && Kout * Ho * Wo < INT32_MAX,
+  TORCH_CHECK(p.Kin * p.H * p.W < INT32_MAX && p.Cin * p.kh * p.kw < INT32_MAX && p.Kout * p.Ho * p.Wo < INT32_MAX,
               "gathered_conv2d (CUDA): a single sample is too large for the kernel's 32-bit indexing");
+  auto out = at::empty({p.B, p.Kout, p.Ho, p.Wo}, p.x.options());
+  if (p.empty_output()) return out;
 
-  auto out = at::empty({B, Kout, Ho, Wo}, x_in.options());
-  if (B == 0 || Kout == 0) return out;
-
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor in_idx = in_idx_in.contiguous();
-  const at::Tensor out_idx = out_idx_in.contiguous();
-  c10::optional<at::Tensor> bias, residual;
-  if (bias_in.has_value()) bias = bias_in->contiguous();
-  if (residual_in.has_value()) residual = residual_in->contiguous();
-
-  // Grouped problem list: samples sorted by group, start and size of each group. Planned on the host by the
-  // caller (no synchronisation here), or computed from `groups` (unique + max: two synchronisations).
+  // Grouped problem list: planned on the host by the caller (no synchronisation here), or computed from
+  // sample_group (unique + max: two synchronisations).
   at::Tensor samples, gcount, gstart;
-  int64_t ngroups, max_cnt;
-  const int64_t G = check_problems(problems, max_group, B, dev);
-  if (G >= 0) {
-    const at::Tensor p = problems->contiguous();
-    samples = p.slice(0, 0, B);
-    gstart = p.slice(0, B, B + G);
-    gcount = p.slice(0, B + G, B + 2 * G);
-    ngroups = G;
-    max_cnt = max_group;
+  int64_t ngroups = p.ngroups, max_cnt = p.max_group;
+  if (ngroups >= 0) {
+    samples = p.problems.slice(0, 0, p.B);
+    gstart = p.problems.slice(0, p.B, p.B + ngroups);
+    gcount = p.problems.slice(0, p.B + ngroups, p.B + 2 * ngroups);
   } else {
     at::Tensor uniq, inverse, counts;
-    std::tie(uniq, inverse, counts) = at::_unique2(groups_in, /*sorted=*/true, /*return_inverse=*/true,
+    std::tie(uniq, inverse, counts) = at::_unique2(p.sample_group, /*sorted=*/true, /*return_inverse=*/true,
                                                    /*return_counts=*/true);
     samples = std::get<1>(at::sort(inverse.reshape({-1}), /*stable=*/true, 0, false)).to(at::kInt);
     gcount = counts.to(at::kInt);
@@ -387,29 +313,25 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& in_idx
     ngroups = counts.numel();
     max_cnt = counts.max().item<int64_t>();
   }
-  const at::Tensor n_in = in_idx.ge(0).sum({1}, false, at::kInt);
-  const at::Tensor n_out = out_idx.ge(0).sum({1}, false, at::kInt);
+  const at::Tensor n_in = p.in_idx.ge(0).sum({1}, false, at::kInt);
+  const at::Tensor n_out = p.out_idx.ge(0).sum({1}, false, at::kInt);
 
-  const int64_t m_tiles = (max_cnt * Ho * Wo + BM - 1) / BM;
-  const int64_t n_tiles = (Kout + BN - 1) / BN;
+  const int64_t m_tiles = (max_cnt * p.Ho * p.Wo + BM - 1) / BM;
+  const int64_t n_tiles = (p.Kout + BN - 1) / BN;
   TORCH_CHECK(m_tiles < INT32_MAX && n_tiles <= 65535 && ngroups <= 65535,
               "gathered_conv2d (CUDA): problem too large for one launch (", m_tiles, " x ", n_tiles, " x ",
               ngroups, " tiles)");
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(ngroups));
-
-#define GENCNP_LAUNCH(S)                                                                                        \
-  launch<S>(x, weight, bias, residual, out, in_idx, out_idx, n_in, n_out, samples, gstart, gcount, grid,        \
-            static_cast<int>(Kin), static_cast<int>(Kout), static_cast<int>(H), static_cast<int>(W),            \
-            static_cast<int>(Ho), static_cast<int>(Wo), static_cast<int>(Cin), static_cast<int>(kh),            \
-            static_cast<int>(kw), st, pd, dl, relu)
-  if (dtype == at::kFloat) {
-    GENCNP_LAUNCH(float);
-  } else if (dtype == at::kHalf) {
-    GENCNP_LAUNCH(at::Half);
-  } else {
-    GENCNP_LAUNCH(at::BFloat16);
+  switch (p.x.scalar_type()) {
+    case at::kFloat:
+      launch<float>(p, out, n_in, n_out, samples, gstart, gcount, grid);
+      break;
+    case at::kHalf:
+      launch<at::Half>(p, out, n_in, n_out, samples, gstart, gcount, grid);
+      break;
+    default:
+      launch<at::BFloat16>(p, out, n_in, n_out, samples, gstart, gcount, grid);
   }
-#undef GENCNP_LAUNCH
   return out;
 }
 

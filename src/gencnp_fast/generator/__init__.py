@@ -1,4 +1,4 @@
-"""GEN-CNP pathway generator (our reconstruction, DESIGN §4).
+"""GEN-CNP pathway generator (our reconstruction, docs/design.md §4).
 
     RFE (rfe.py)  Recursive Feature Embedders: per-unit embeddings + a GRU shallow → deep
     PDN (pdn.py)  Pathway Distillation Network: class-relevant code c, distilled head, supervised-contrastive term

@@ -1,7 +1,7 @@
-"""``GenCNP``: the pathway generator (DESIGN §3–4) around a frozen target CNN.
+"""``GenCNP``: the pathway generator (docs/design.md §3–4) around a frozen target CNN.
 
 ``GenCNP(target, example_input)`` builds RFE → PDN → RPD → DAQ for the target's units. Calling it on a batch ``x``
-runs the target once, densely, capturing every unit's feature map (:func:`~gencnp_fast.plan.engine.dense_capture`: the compiled plan's dense
+runs the target once, densely, capturing every unit's feature map (:func:`~gencnp_fast.plan.dense_capture`: the compiled plan's dense
 forward, BN folded), and returns a
 :class:`GenCNPOutput` with the hard pathway (a :class:`Pathway` of bool ``[B, C]`` masks), the DAQ masks of the
 chosen mode (soft masks in training), the raw scores, the class code and the class head's logits. The target's
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..model.pathway import Pathway
 from ..model.reference import cached_units
-from ..plan.engine import dense_capture
+from ..plan import dense_capture
 from ..model.units import Unit
 from .daq import DistanceAwareQuantizer
 from .pdn import PathwayDistillationNetwork

@@ -1,4 +1,4 @@
-"""PDN — Pathway Distillation Network (GEN-CNP, our reconstruction; DESIGN §4).
+"""PDN — Pathway Distillation Network (GEN-CNP, our reconstruction; docs/design.md §4).
 
 Maps the recurrent states ``{h_l}`` of the RFE to a class-relevant code ``c`` (``[B, code_dim]``): an MLP on the
 deepest state concatenated with the mean state over units. Two losses make ``c`` carry the target's class knowledge:

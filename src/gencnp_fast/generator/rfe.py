@@ -1,4 +1,4 @@
-"""RFE — Recursive Feature Embedders (GEN-CNP, our reconstruction; DESIGN §4).
+"""RFE — Recursive Feature Embedders (GEN-CNP, our reconstruction; docs/design.md §4).
 
 Per unit ``l`` a light embedding of the captured feature map ``F_l`` (``[B, C, H, W]`` or ``[B, C]``): global average
 and global max pooling over space, concatenated (``[B, 2C]``), a linear map to ``d`` dims and a LayerNorm (the units'

@@ -1,4 +1,4 @@
-"""RPD — Recursive Pathway Decoders (GEN-CNP, our reconstruction; DESIGN §4).
+"""RPD — Recursive Pathway Decoders (GEN-CNP, our reconstruction; docs/design.md §4).
 
 A GRU cell runs over the units deep → shallow: ``g_{L+1} = tanh(W c)``, ``g_l = GRU([c, e_l], g_{l+1})``, so each
 unit's decision sees the class code, its own feature embedding (instance-specific sparsity) and the decisions made

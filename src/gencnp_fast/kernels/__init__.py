@@ -1,9 +1,10 @@
-"""GPU kernels of the gathered convolution (the ``"triton"`` and ``"cuda"`` backends of ``fast_pathway_forward``).
+"""The gathered convolution's contract and its kernels outside the compiled extension.
 
-    triton_conv.py   Triton implicit-GEMM gathered conv / linear (imports triton: loaded lazily)
-    gpu_backends.py  registers the "triton" and "cuda" backends with gencnp_fast.plan.engine
+    contract.py      the op's contract in Python: one argument check (fake kernels, Triton launcher), the problem
+                     list helper, the plain-torch implementation (the "torch" backend, the tests' oracle)
+    triton_conv.py   Triton implicit-GEMM kernel, registered as the op gencnp_fast::gathered_conv2d_triton
+                     (imports triton: loaded lazily by gencnp_fast.plan.backends)
 
-The CUDA kernels themselves live in ``csrc/cuda/`` and are part of the compiled extension ``gencnp_fast._C``
-(``torch.ops.gencnp_fast.gathered_conv2d`` dispatches to them for CUDA tensors).
-Nothing here imports triton at package import time.
+The CPU and CUDA kernels live in ``csrc/cpu/`` and ``csrc/cuda/`` and are part of the compiled extension
+``gencnp_fast._C`` (``torch.ops.gencnp_fast.gathered_conv2d``). Nothing here imports triton at package import time.
 """

@@ -1,13 +1,13 @@
 """Triton kernels of the gathered ("compacted") convolution: one launch for a whole batch of per-sample masks.
 
-The op (the conv-backend contract of :mod:`gencnp_fast.plan.engine`, same as ``gencnp_fast::gathered_conv2d``)::
+The op (the contract of ``gencnp_fast::gathered_conv2d``, :mod:`gencnp_fast.kernels.contract`)::
 
     out[b, j] = act(bias[o] + sum_{j' < n_in(b)} conv(x[b, j'], weight[o, in_idx[b, j']]) + residual[b, j])
     o = out_idx[b, j];  out[b, j] = 0 exactly where out_idx[b, j] == -1
 
 How the kernel maps it to an implicit GEMM
 ------------------------------------------
-The batch is split into *problems*: one per group of samples sharing a mask (``groups``; per-sample masks give
+The batch is split into *problems*: one per group of samples sharing a mask (``sample_group``; per-sample masks give
 one problem per sample). Problem ``g`` with ``cnt_g`` samples, ``n_in`` active inputs and ``n_out`` active
 outputs is the GEMM
 
@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional
 
 import torch
 
 import triton
 import triton.language as tl
 
-from ..plan.channel_sets import cached_group_table
+from .contract import check_gathered_conv, pair, problem_list
 
 __all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
@@ -206,7 +206,7 @@ def _gathered_conv2d_kernel(
             rv = tl.load(res_ptr + out_off, mask=st_ok & n_ok[None, :], other=0.0).to(tl.float32)
             acc += rv
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
         acc = tl.where(n_ok[None, :], acc, 0.0)
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=st_ok)
 
@@ -222,106 +222,75 @@ def _autotuned(kernel):
 _gathered_conv2d_kernel_tuned = _autotuned(_gathered_conv2d_kernel)
 
 
-IntPair = Union[int, Sequence[int]]
-
-
-def _pair(v: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(e) for e in v)
-    if len(t) == 1:
-        return (t[0], t[0])
-    if len(t) != 2:
-        raise ValueError(f"gathered_conv2d_triton: {name} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_KEY = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+@torch.library.custom_op("gencnp_fast::gathered_conv2d_triton", mutates_args=())
 def gathered_conv2d_triton(
     x: torch.Tensor,
     in_idx: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     out_idx: torch.Tensor,
-    groups: torch.Tensor,
-    residual: Optional[torch.Tensor] = None,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    dilation: IntPair = 1,
-    relu: bool = False,
+    sample_group: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    relu: bool,
+    problems: Optional[torch.Tensor] = None,
+    max_group: int = -1,
 ) -> torch.Tensor:
-    """The gathered conv (contract of ``gencnp_fast::gathered_conv2d``) with the Triton kernel.
+    """The gathered conv (the contract of ``gencnp_fast::gathered_conv2d``, :mod:`gencnp_fast.kernels.contract`)
+    with the Triton kernel, registered as the op ``torch.ops.gencnp_fast.gathered_conv2d_triton``.
 
     float32, float16 or bfloat16 (x, weight, bias and residual in one dtype), float32 accumulation; CUDA tensors,
-    or CPU tensors under ``TRITON_INTERPRET=1``.
+    or CPU tensors under ``TRITON_INTERPRET=1``. Without ``problems`` the problem list is derived from
+    ``sample_group`` (one synchronisation).
     """
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if x.dim() != 4:
-        raise ValueError(f"gathered_conv2d_triton: x must be [B, Kin, H, W], got shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"gathered_conv2d_triton: weight must be [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"gathered_conv2d_triton: x must be float32, float16 or bfloat16, got {x.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"gathered_conv2d_triton: {name} is {t.dtype}, x is {x.dtype}")
-    for name, t in (("in_idx", in_idx), ("out_idx", out_idx), ("groups", groups)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"gathered_conv2d_triton: {name} must be int32, got {t.dtype}")
-    dev = x.device
-    for name, t in (("in_idx", in_idx), ("weight", weight), ("bias", bias), ("out_idx", out_idx),
-                    ("groups", groups), ("residual", residual)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"gathered_conv2d_triton: {name} is on {t.device}, x is on {dev}")
-    if dev.type != "cuda" and not INTERPRET:
-        raise ValueError(f"gathered_conv2d_triton: tensors must be on a CUDA device (got {dev}); "
+    B, KOUT, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
+                                          padding, dilation, problems, max_group, _DTYPES)
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"gathered_conv2d_triton: tensors must be on a CUDA device (got {x.device}); "
                          "CPU tensors run only under TRITON_INTERPRET=1")
-    B, KIN, H, W = x.shape
-    C_OUT, C_IN, KH, KW = weight.shape
-    if in_idx.shape != (B, KIN):
-        raise ValueError(f"gathered_conv2d_triton: in_idx must be [B, Kin] = {(B, KIN)}, got {tuple(in_idx.shape)}")
-    if out_idx.dim() != 2 or out_idx.shape[0] != B:
-        raise ValueError(f"gathered_conv2d_triton: out_idx must be [B, Kout], got {tuple(out_idx.shape)}")
-    if groups.shape != (B,):
-        raise ValueError(f"gathered_conv2d_triton: groups must be [B] = {(B,)}, got {tuple(groups.shape)}")
-    if bias is not None and bias.shape != (C_OUT,):
-        raise ValueError(f"gathered_conv2d_triton: bias must be [C_out] = {(C_OUT,)}, got {tuple(bias.shape)}")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError("gathered_conv2d_triton: stride and dilation must be >= 1, padding >= 0")
-    KOUT = out_idx.shape[1]
-    HO = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
-    WO = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
-    if HO <= 0 or WO <= 0:
-        raise ValueError(f"gathered_conv2d_triton: kernel {KH}x{KW} (dilation {dh}x{dw}) is larger than the "
-                         f"padded input {H + 2 * ph}x{W + 2 * pw}")
-    if residual is not None and residual.shape != (B, KOUT, HO, WO):
-        raise ValueError(f"gathered_conv2d_triton: residual must be {(B, KOUT, HO, WO)}, got {tuple(residual.shape)}")
-    out = torch.empty((B, KOUT, HO, WO), dtype=x.dtype, device=dev)
+    out = torch.empty((B, KOUT, HO, WO), dtype=x.dtype, device=x.device)
     if B == 0 or KOUT == 0:
         return out
+    if problems is None:
+        problems, max_group = problem_list(sample_group)
+    ngroups = (problems.shape[0] - B) // 2
+    _launch(x.contiguous(), in_idx.contiguous(), weight.contiguous(), bias, out_idx.contiguous(), residual,
+            out, problems.contiguous(), ngroups, max_group, pair(stride, "stride"), pair(padding, "padding"),
+            pair(dilation, "dilation"), relu)
+    return out
 
-    x = x.contiguous()
-    weight = weight.contiguous()
-    in_idx = in_idx.contiguous()
-    out_idx = out_idx.contiguous()
+
+@gathered_conv2d_triton.register_fake
+def _gathered_conv2d_triton_fake(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
+                                 dilation, relu, problems=None, max_group=-1):
+    shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
+                                problems, max_group, _DTYPES)
+    return x.new_empty(shape)
+
+
+def _launch(x, in_idx, weight, bias, out_idx, residual, out, problems, ngroups, max_cnt, stride, padding, dilation,
+            relu) -> None:
+    B, KIN, H, W = x.shape
+    C_OUT, C_IN, KH, KW = weight.shape
+    _, KOUT, HO, WO = out.shape
     bias_t = bias.contiguous() if bias is not None else weight  # dummy pointer, never read
     res_t = residual.contiguous() if residual is not None else out  # dummy pointer, never read
     n_in = (in_idx >= 0).sum(1, dtype=torch.int32)
     n_out = (out_idx >= 0).sum(1, dtype=torch.int32)
-    samples, gstart, gcount, ngroups, max_cnt = cached_group_table(groups)
+    samples, gstart, gcount = problems[:B], problems[B:B + ngroups], problems[B + ngroups:]
     howo = HO * WO
-
     args = (
         x, weight, bias_t, res_t, out,
         in_idx, out_idx, n_in, n_out,
         samples, gstart, gcount,
         KIN, KOUT, H, W, HO, WO, howo, C_IN, max_cnt, _DTYPE_KEY[x.dtype],
-        sh, sw, ph, pw, dh, dw,
+        *stride, *padding, *dilation,
     )
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
@@ -335,7 +304,6 @@ def gathered_conv2d_triton(
         cfg = heuristic_config(max_cnt, howo, KOUT)
         _gathered_conv2d_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                                    num_stages=cfg.num_stages)
-    return out
 
 
 def gathered_linear_triton(
@@ -344,7 +312,7 @@ def gathered_linear_triton(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     out_idx: torch.Tensor,
-    groups: torch.Tensor,
+    sample_group: torch.Tensor,
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
 ) -> torch.Tensor:
@@ -355,7 +323,7 @@ def gathered_linear_triton(
     """
     B = x.shape[0]
     y = gathered_conv2d_triton(
-        x.reshape(B, -1, 1, 1), in_idx, weight.reshape(weight.shape[0], -1, 1, 1), bias, out_idx, groups,
-        None if residual is None else residual.reshape(B, -1, 1, 1), 1, 0, 1, relu,
+        x.reshape(B, -1, 1, 1), in_idx, weight.reshape(weight.shape[0], -1, 1, 1), bias, out_idx, sample_group,
+        None if residual is None else residual.reshape(B, -1, 1, 1), [1, 1], [0, 0], [1, 1], relu,
     )
     return y.reshape(B, -1)

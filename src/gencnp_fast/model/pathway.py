@@ -1,9 +1,9 @@
-"""Pathways: per-unit binary channel masks (DESIGN §2), and the checks every backend applies to them."""
+"""Pathways: per-unit binary channel masks (docs/design.md §2), and the checks every backend applies to them."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -238,12 +238,3 @@ def normalize_masks(
             )
         out[name] = _as_bool_mask(name, m)
     return out
-
-
-def pathway_from_units(units: Sequence[Unit], masks: Mapping[str, torch.Tensor]) -> Pathway:
-    """A :class:`Pathway` whose channel table covers all ``units`` (for density over omitted units)."""
-    return Pathway(masks, {u.name: u.channels for u in units})
-
-
-def unit_order(units: Sequence[Unit]) -> List[str]:
-    return [u.name for u in units]

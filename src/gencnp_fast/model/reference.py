@@ -1,4 +1,4 @@
-"""The oracle: the dense model with every unit's output multiplied by its mask (DESIGN §2).
+"""The oracle: the dense model with every unit's output multiplied by its mask (docs/design.md §2).
 
 It runs the user's own module (not a traced copy): forward hooks on the ``nn.ReLU`` modules, and a
 ``TorchFunctionMode`` for functional ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` calls made outside an
@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .guards import Fingerprint, fingerprint, register_cache
 from .pathway import MaskLike, normalize_masks
 from .units import Unit, pathway_units
 
@@ -28,8 +29,9 @@ __all__ = [
 
 _FUNCTIONAL_RELU = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
-# model -> {(input shape without batch): units}
-_UNITS_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, List[Unit]]]" = weakref.WeakKeyDictionary()
+# model -> {input shape without batch: (module tree, units)}
+_UNITS_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[tuple, List[Unit]]]]" = register_cache(
+    weakref.WeakKeyDictionary())
 
 
 def check_model_and_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -57,17 +59,20 @@ def check_model_and_input(model: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(f"x is on {x.device}, the model's parameters are on {p.device}")
 
 
-def cached_units(model: nn.Module, x: torch.Tensor) -> List[Unit]:
-    """``pathway_units(model, x)`` cached per model and input shape; a clear error if ``x`` does not fit."""
+def cached_units(model: nn.Module, x: torch.Tensor, fp: Optional[Fingerprint] = None) -> List[Unit]:
+    """``pathway_units(model, x)`` cached per model, input shape and module tree (``fp``: the model's fingerprint
+    if the caller has it); a clear error if ``x`` does not fit."""
     key = tuple(x.shape[1:])
+    structure = (fingerprint(model) if fp is None else fp).structure
     per_model = _UNITS_CACHE.setdefault(model, {})
-    units = per_model.get(key)
-    if units is None:
-        try:
-            units = pathway_units(model, x)
-        except RuntimeError as exc:
-            raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model: {exc}") from exc
-        per_model[key] = units
+    hit = per_model.get(key)
+    if hit is not None and hit[0] == structure:
+        return hit[1]
+    try:
+        units = pathway_units(model, x)
+    except RuntimeError as exc:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model: {exc}") from exc
+    per_model[key] = (structure, units)
     return units
 
 
@@ -140,18 +145,29 @@ def _run_with_unit_hook(
             h.remove()
 
 
-def _apply_mask(y: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
-    """``y * m`` channel-wise (dim 1); ``m`` is ``[B, C]``, ``[C]`` or ``None`` (kept whole)."""
-    if m is None:
-        return y
-    m = m.to(y.dtype)
+def _channelwise(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``m`` (``[B, C]`` or ``[C]``) shaped to broadcast over ``y``'s channels (dim 1)."""
     if m.dim() == 1:
         m = m.unsqueeze(0)
-    return y * m.reshape(m.shape + (1,) * (y.dim() - 2))
+    return m.reshape(m.shape + (1,) * (y.dim() - 2))
+
+
+def _apply_mask(y: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y`` with the channels a bool mask prunes set to exactly 0 (``m`` ``[B, C]``, ``[C]`` or ``None``: kept
+    whole). A select, not a multiply: a NaN or inf in a pruned channel does not leak (NaN * 0 is NaN), as in the
+    fast path, which never computes pruned channels (docs/design.md §2)."""
+    if m is None:
+        return y
+    return torch.where(_channelwise(m.bool(), y), y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def _apply_scores(y: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y * s`` channel-wise (the differentiable relaxation)."""
+    return y if s is None else y * _channelwise(s.to(y.dtype), y)
 
 
 def reference_pathway_forward(model: nn.Module, mask: Optional[MaskLike], x: torch.Tensor) -> torch.Tensor:
-    """Logits of the pathway model ``H(x; m)``: the dense model with each unit's output multiplied by its mask.
+    """Logits of the pathway model ``H(x; m)``: the dense model with each unit's pruned channels set to 0.
 
     Args:
         model: the target model, in eval mode.
@@ -207,4 +223,4 @@ def soft_pathway_forward(model: nn.Module, scores: Dict[str, torch.Tensor], x: t
                 f"scores of unit {name!r} have shape {tuple(s.shape)}; expected [{x.shape[0]}, {u.channels}] or "
                 f"[{u.channels}]"
             )
-    return _run_with_unit_hook(model, units, x, lambda unit, y: _apply_mask(y, scores.get(unit.name)))
+    return _run_with_unit_hook(model, units, x, lambda unit, y: _apply_scores(y, scores.get(unit.name)))

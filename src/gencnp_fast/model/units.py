@@ -1,23 +1,26 @@
 """Units of a target model: every call of an activation function, in execution order.
 
-DESIGN §2: a *unit* is every call of ``nn.ReLU`` (module call), ``F.relu`` or ``torch.relu`` in the model's
-forward. A module called twice gives two units, named ``name`` and ``name#1``; a functional call is named by its
+A *unit* (docs/design.md §2) is every call of ``nn.ReLU`` (module call), ``F.relu``, ``torch.relu`` or
+``Tensor.relu`` in the model's forward. A module called twice gives two units, named ``name`` and ``name#1``; a functional call is named by its
 torch.fx node name. A unit's channels are dim 1 of its output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-__all__ = ["Unit", "pathway_units", "trace_model", "is_relu_node", "UnsupportedModelError"]
+from .guards import register_cache
+
+__all__ = ["Unit", "pathway_units", "trace_model", "is_relu_node", "unit_nodes", "eval_mode", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -29,7 +32,7 @@ class Unit:
     """One activation call of the target model.
 
     Attributes:
-        name: unit name (DESIGN §2), e.g. ``"features.2"`` or ``"layer1.0.relu#1"``.
+        name: unit name (docs/design.md §2), e.g. ``"features.2"`` or ``"layer1.0.relu#1"``.
         channels: number of channels (dim 1 of the activation's output).
         index: position in execution order.
         node: name of the torch.fx node that computes it.
@@ -58,7 +61,8 @@ def is_relu_node(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
 
 
 # Trace cache: model -> (structure key, GraphModule). Tracing is symbolic, so it does not depend on weights.
-_TRACE_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, fx.GraphModule]]" = weakref.WeakKeyDictionary()
+_TRACE_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, fx.GraphModule]]" = register_cache(
+    weakref.WeakKeyDictionary())
 
 
 def _structure_key(model: nn.Module) -> tuple:
@@ -85,7 +89,7 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def _unit_nodes(gm: fx.GraphModule) -> List[Tuple[str, fx.Node]]:
+def unit_nodes(gm: fx.GraphModule) -> List[Tuple[str, fx.Node]]:
     """(unit name, node) for every activation call in graph order (graph order is execution order)."""
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
@@ -111,6 +115,19 @@ def _shape_prop(gm: fx.GraphModule, example_input: torch.Tensor) -> Dict[str, to
             if isinstance(n.meta.get("tensor_meta"), TensorMetadata)}
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block, then every module's own ``training`` flag restored (a model in
+    training mode may hold frozen eval-mode modules: ``model.train(True)`` would switch them back)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def pathway_units(model: nn.Module, example_input: torch.Tensor) -> List[Unit]:
     """The units of ``model`` in execution order, with their channel counts.
 
@@ -119,25 +136,17 @@ def pathway_units(model: nn.Module, example_input: torch.Tensor) -> List[Unit]:
         example_input: one input batch (``[B, C, H, W]``); only its shape matters.
 
     Returns:
-        A list of :class:`Unit`, named as DESIGN §2 fixes.
+        A list of :class:`Unit`, named as docs/design.md §2 fixes.
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     gm = trace_model(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # BN in training mode would update its running statistics
         shapes = _shape_prop(gm, example_input[:1])
-    finally:
-        model.train(was_training)
     units = []
-    for i, (name, node) in enumerate(_unit_nodes(gm)):
+    for i, (name, node) in enumerate(unit_nodes(gm)):
         shape = tuple(shapes[node.name][1:])
         if len(shape) < 1:
             raise UnsupportedModelError(f"unit {name!r} has a scalar output; units need a channel dimension")
         units.append(Unit(name=name, channels=int(shape[0]), index=i, node=node.name, shape=shape))
     return units
-
-
-def unit_names(units: Sequence[Unit]) -> List[str]:
-    return [u.name for u in units]

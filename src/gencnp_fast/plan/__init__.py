@@ -1,5 +1,19 @@
-"""The plan: a model compiled once into steps over compacted activations, and the engine that runs it."""
+"""The engine: a model compiled once into a plan over compacted activations, run with every pruned channel skipped.
 
-from .engine import available_backends, fast_pathway_forward, get_plan, pathway_flops, register_conv_backend
+    sets.py         channel-set references (which channels a compacted tensor stores)
+    steps.py        the plan's steps and the Plan
+    lowering.py     the plan compiler: one lowering function per supported layer type
+    cache.py        the plan cache (per model, input shape, dtype, device, masked units; weight fingerprint)
+    indices.py      the run's index planning (one call into the compiled planner per forward)
+    interpreter.py  runs a plan's steps with a conv backend
+    backends.py     the kernel backends and how "auto" picks one
+    cost.py         FLOP and byte counts of a pathway (ideal speedups)
+    engine.py       fast_pathway_forward, dense_capture
+"""
 
-__all__ = ["available_backends", "fast_pathway_forward", "get_plan", "pathway_flops", "register_conv_backend"]
+from .backends import available_backends
+from .cache import get_plan
+from .cost import pathway_flops
+from .engine import dense_capture, fast_pathway_forward
+
+__all__ = ["available_backends", "dense_capture", "fast_pathway_forward", "get_plan", "pathway_flops"]

@@ -1,22 +1,9 @@
 #pragma once
-// Host-side index helpers shared by the CPU engine's step-by-step path (compact_masks, remap_positions: plain
-// functions of the _C module) and the host planner (csrc/plan_indices.cpp). Rows hold 1-byte 0/1 truth values.
+// Row helpers of the run index planner (csrc/run_indices.cpp). Rows hold 1-byte 0/1 truth values.
 #include <cstdint>
 #include <vector>
 
 namespace gencnp_fast {
-
-struct CompactResult {
-  int64_t k;        // columns of idx (max kept count over rows)
-  int64_t ngroups;  // distinct rows
-};
-
-// See compact_masks.cpp. idx must hold B * C int32 (only the first B * K are written).
-CompactResult compact_masks(const uint8_t* mask, int64_t B, int64_t C, int32_t* idx, int64_t* gid, int64_t* counts);
-
-// See compact_masks.cpp: re-compaction indices of rows dst [B, Kd] into rows src [B, Ks]; returns the zero count.
-int64_t remap_positions(const int32_t* src, const int32_t* dst, int64_t B, int64_t Ks, int64_t Kd, int64_t C,
-                        int64_t* take, uint8_t* keep);
 
 // Exact grouping of the rows of a [rows, C] 0/1 mask (hash, then byte comparison): gid per row, numbered by first
 // appearance, and the first row of each group. Returns the number of groups.

@@ -1,18 +1,7 @@
-// Host-side mask compaction for the CPU engine (gencnp_fast.plan.channel_sets.ChannelSet.from_mask).
-//
-// Not a dispatcher op: it works on host buffers (numpy views of CPU tensors) and runs once per unit and
-// forward, so it is exposed as a plain function of the _C module (see module.cpp).
-//
-// Input: a [B, C] mask of 1-byte truth values (nonzero = kept). Output, written into caller buffers:
-//   idx    int32 [B * K] row-major, K = max kept count: kept channels of each row ascending, then -1;
-//   gid    int64 [B]: group id of each row, equal rows share one, numbered by first appearance;
-//   counts int64 [B]: kept channels per row.
-// Returns (K, number of groups). Rows are grouped exactly (hash, then byte comparison); each distinct row is
-// compacted once and copied to the other rows of its group.
-//
-// The row helpers below (grouping, counting, table-driven compaction, re-compaction indices) also serve the host
-// planner, csrc/plan_indices.cpp.
-#include "compact_masks.h"
+// Row helpers of the run index planner (csrc/run_indices.cpp): exact grouping of mask rows, counting and
+// table-driven compaction of a 0/1 row, re-compaction indices of one row into another. Rows hold 1-byte 0/1 truth
+// values; compacted rows hold ascending channels, then -1 padding.
+#include "mask_rows.h"
 
 #include <cstring>
 #include <unordered_map>
@@ -127,47 +116,6 @@ int64_t remap_row(const int32_t* s, int64_t Ks, const int32_t* d, int64_t Kd, in
   if (s)
     for (int64_t j = 0; j < Ks && s[j] >= 0; ++j)
       if (s[j] < C) col[s[j]] = -1;
-  return zeros;
-}
-
-CompactResult compact_masks(const uint8_t* mask, int64_t B, int64_t C, int32_t* idx, int64_t* gid, int64_t* counts) {
-  std::vector<uint8_t> norm(static_cast<size_t>(B * C));
-  for (int64_t i = 0; i < B * C; ++i) norm[i] = mask[i] != 0;  // vectorised; torch bools are 0/1 already
-  std::vector<int64_t> g, first;
-  const int64_t G = group_rows(norm.data(), B, C, g, first);
-  std::vector<int64_t> cnt(static_cast<size_t>(G));
-  int64_t k = 0;
-  for (int64_t i = 0; i < G; ++i) {
-    cnt[i] = count_row(norm.data() + first[i] * C, C);
-    k = cnt[i] > k ? cnt[i] : k;
-  }
-  std::vector<int32_t> tmp(static_cast<size_t>(C) + 8);
-  for (int64_t b = 0; b < B; ++b) {
-    gid[b] = g[b];
-    counts[b] = cnt[g[b]];
-    int32_t* out = idx + b * k;
-    const int64_t rep = first[g[b]];
-    if (rep != b) {  // rep < b: its row is already written
-      std::memcpy(out, idx + rep * k, static_cast<size_t>(k) * sizeof(int32_t));
-      continue;
-    }
-    const int64_t j = compact_row(norm.data() + b * C, C, tmp.data());  // tmp: room for the 8-wide stores
-    std::memcpy(out, tmp.data(), static_cast<size_t>(j) * sizeof(int32_t));
-    for (int64_t t = j; t < k; ++t) out[t] = -1;
-  }
-  return {k, G};
-}
-
-// Re-compaction indices (gencnp_fast.plan.channel_sets.remap_index): for every row b and column j of dst,
-// take[b, j] = the column of src's row b that holds channel dst[b, j], keep[b, j] = 1; where dst[b, j] is padding
-// (-1) or a channel src's row does not hold, take = 0 and keep = 0. Rows hold ascending channels then -1 padding.
-// One channel -> column table of C entries, reused across rows: O(B * (Ks + Kd)). Returns the number of zeros.
-int64_t remap_positions(const int32_t* src, const int32_t* dst, int64_t B, int64_t Ks, int64_t Kd, int64_t C,
-                        int64_t* take, uint8_t* keep) {
-  std::vector<int32_t> col(static_cast<size_t>(C), -1);
-  int64_t zeros = 0;
-  for (int64_t b = 0; b < B; ++b)
-    zeros += remap_row(src + b * Ks, Ks, dst + b * Kd, Kd, C, col.data(), take + b * Kd, keep + b * Kd, nullptr);
   return zeros;
 }
 

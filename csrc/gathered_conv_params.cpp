@@ -1,0 +1,186 @@
+// The one argument check of gencnp_fast::gathered_conv2d (see gathered_conv_params.h).
+#include "gathered_conv_params.h"
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+namespace gencnp_fast {
+namespace {
+
+constexpr const char* kOp = "gathered_conv2d: ";
+
+void pair_param(at::IntArrayRef v, const char* name, int64_t lo, int64_t& a, int64_t& b) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, kOp, name, " must have 1 or 2 values, got ", v.size());
+  a = v[0];
+  b = v.size() == 1 ? v[0] : v[1];
+  TORCH_CHECK(a >= lo && b >= lo, kOp, name, " must be >= ", lo, ", got ", v);
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Device& device, int64_t dim) {
+  TORCH_CHECK(t.defined(), kOp, name, " is undefined");
+  TORCH_CHECK(t.device() == device, kOp, name, " is on ", t.device(), ", x is on ", device);
+  TORCH_CHECK(t.dim() == dim, kOp, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, kOp, name, " must be ", dtype, " like x, got ", t.scalar_type());
+}
+
+void check_int32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, kOp, name, " must be int32, got ", t.scalar_type());
+}
+
+// Every entry of an int32 index tensor in [-1, limit).
+void check_index_range(const at::Tensor& idx, int64_t limit, const char* name) {
+  const int32_t* p = idx.data_ptr<int32_t>();
+  const int64_t n = idx.numel(), cols = std::max<int64_t>(idx.size(1), 1);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= -1 && p[i] < limit, kOp, name, "[", i / cols, ", ", i % cols, "] = ", p[i],
+                " is out of range [-1, ", limit, ")");
+  }
+}
+
+// The problem list of sample_group on the host: samples stably sorted by group id, then starts and sizes.
+at::Tensor host_problems(const at::Tensor& sample_group, int64_t& ngroups, int64_t& max_group) {
+  const int64_t B = sample_group.numel();
+  const int32_t* g = sample_group.data_ptr<int32_t>();
+  std::vector<int32_t> order(static_cast<size_t>(B));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [g](int32_t a, int32_t b) { return g[a] < g[b]; });
+  std::vector<int32_t> starts, sizes;
+  for (int64_t s = 0; s < B; ++s) {
+    if (s == 0 || g[order[s]] != g[order[s - 1]]) {
+      starts.push_back(static_cast<int32_t>(s));
+      sizes.push_back(0);
+    }
+    ++sizes.back();
+  }
+  ngroups = static_cast<int64_t>(sizes.size());
+  max_group = sizes.empty() ? -1 : *std::max_element(sizes.begin(), sizes.end());
+  at::Tensor out = at::empty({B + 2 * ngroups}, sample_group.options());
+  int32_t* o = out.data_ptr<int32_t>();
+  std::copy(order.begin(), order.end(), o);
+  std::copy(starts.begin(), starts.end(), o + B);
+  std::copy(sizes.begin(), sizes.end(), o + B + ngroups);
+  return out;
+}
+
+// A given problem list: [B + 2G] with B = 0 <=> G = 0 and 1 <= max_group <= B; on the host also its values: the
+// groups tile the sorted samples, every sample appears once, and samples of a group share one sample_group value
+// that no other group has.
+void check_problems(GatheredConvParams& p, const at::Tensor& problems, int64_t max_group) {
+  check_tensor(problems, "problems", p.x.device(), 1);
+  check_int32(problems, "problems");
+  const int64_t n = problems.size(0), B = p.B;
+  TORCH_CHECK(n >= B && (n - B) % 2 == 0, kOp, "problems must be [B + 2G] (samples, group starts, group sizes) ",
+              "with B = ", B, ", got ", problems.sizes());
+  const int64_t G = (n - B) / 2;
+  TORCH_CHECK((B == 0) == (G == 0), kOp, "problems must list at least one group for B = ", B);
+  TORCH_CHECK(G == 0 || (max_group >= 1 && max_group <= B), kOp, "max_group must be the largest group size (1..",
+              B, "), got ", max_group);
+  p.problems = problems.contiguous();
+  p.ngroups = G;
+  p.max_group = G == 0 ? -1 : max_group;
+  if (!p.x.device().is_cpu()) return;
+  const int32_t* q = p.problems.data_ptr<int32_t>();
+  const int32_t* gid = p.sample_group.data_ptr<int32_t>();
+  std::vector<char> seen(static_cast<size_t>(B), 0);
+  int64_t next = 0, largest = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t start = q[B + g], size = q[B + G + g];
+    TORCH_CHECK(start == next && size >= 1 && start + size <= B, kOp, "problems: group ", g, " (start ", start,
+                ", size ", size, ") does not follow the previous groups in a batch of ", B);
+    for (int64_t s = start; s < start + size; ++s) {
+      const int64_t b = q[s];
+      TORCH_CHECK(b >= 0 && b < B && !seen[b], kOp, "problems: sample ", b, " is out of range or listed twice");
+      seen[b] = 1;
+      TORCH_CHECK(gid[b] == gid[q[start]], kOp, "problems: samples ", q[start], " and ", b, " share group ", g,
+                  " but have different sample_group values");
+      TORCH_CHECK(g == 0 || gid[b] != gid[q[q[B + g - 1]]], kOp, "problems: groups ", g - 1, " and ", g,
+                  " have the same sample_group value");
+    }
+    next = start + size;
+    largest = std::max(largest, size);
+  }
+  TORCH_CHECK(next == B, kOp, "problems: the groups cover ", next, " of ", B, " samples");
+  TORCH_CHECK(G == 0 || largest == max_group, kOp, "max_group is ", max_group, ", the largest group has ", largest,
+              " samples");
+}
+
+}  // namespace
+
+GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
+                                        const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
+                                        c10::ArrayRef<at::ScalarType> dtypes, c10::DeviceType device_type) {
+  TORCH_CHECK(x.defined() && x.device().type() == device_type, kOp, "x must be a ", device_type, " tensor here");
+  const at::Device dev = x.device();
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(std::find(dtypes.begin(), dtypes.end(), dtype) != dtypes.end(), kOp, "x must be one of ", dtypes,
+              " on ", device_type, ", got ", dtype);
+  check_tensor(x, "x", dev, 4);
+  check_tensor(weight, "weight", dev, 4);
+  check_tensor(in_idx, "in_idx", dev, 2);
+  check_tensor(out_idx, "out_idx", dev, 2);
+  check_tensor(sample_group, "sample_group", dev, 1);
+  check_float(weight, "weight", dtype);
+  check_int32(in_idx, "in_idx");
+  check_int32(out_idx, "out_idx");
+  check_int32(sample_group, "sample_group");
+
+  GatheredConvParams p;
+  p.B = x.size(0), p.Kin = x.size(1), p.H = x.size(2), p.W = x.size(3);
+  p.Cout = weight.size(0), p.Cin = weight.size(1), p.kh = weight.size(2), p.kw = weight.size(3);
+  p.Kout = out_idx.size(1);
+  p.relu = relu;
+  TORCH_CHECK(in_idx.size(0) == p.B && in_idx.size(1) == p.Kin, kOp, "in_idx must be [B, Kin] = [", p.B, ", ", p.Kin,
+              "], got ", in_idx.sizes());
+  TORCH_CHECK(out_idx.size(0) == p.B, kOp, "out_idx must be [B, Kout] with B = ", p.B, ", got ", out_idx.sizes());
+  TORCH_CHECK(sample_group.size(0) == p.B, kOp, "sample_group must be [B] = [", p.B, "], got ",
+              sample_group.sizes());
+  TORCH_CHECK(p.kh >= 1 && p.kw >= 1, kOp, "weight has an empty kernel ", weight.sizes());
+  pair_param(stride, "stride", 1, p.sh, p.sw);
+  pair_param(padding, "padding", 0, p.ph, p.pw);
+  pair_param(dilation, "dilation", 1, p.dh, p.dw);
+  const int64_t span_h = p.H + 2 * p.ph - p.dh * (p.kh - 1) - 1, span_w = p.W + 2 * p.pw - p.dw * (p.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, "input ", p.H, "x", p.W, " is smaller than the (dilated) kernel ",
+              p.kh, "x", p.kw, " with padding ", padding);
+  p.Ho = span_h / p.sh + 1;
+  p.Wo = span_w / p.sw + 1;
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", dev, 1);
+    check_float(*bias, "bias", dtype);
+    TORCH_CHECK(bias->size(0) == p.Cout, kOp, "bias must be [C_out] = [", p.Cout, "], got ", bias->sizes());
+    p.bias = bias->contiguous();
+  }
+  if (residual.has_value() && residual->defined()) {
+    check_tensor(*residual, "residual", dev, 4);
+    check_float(*residual, "residual", dtype);
+    TORCH_CHECK(residual->size(0) == p.B && residual->size(1) == p.Kout && residual->size(2) == p.Ho &&
+                    residual->size(3) == p.Wo,
+                kOp, "residual must be [B, Kout, Ho, Wo] = [", p.B, ", ", p.Kout, ", ", p.Ho, ", ", p.Wo, "], got ",
+                residual->sizes());
+    p.residual = residual->contiguous();
+  }
+  p.x = x.contiguous();
+  p.weight = weight.contiguous();
+  p.in_idx = in_idx.contiguous();
+  p.out_idx = out_idx.contiguous();
+  p.sample_group = sample_group.contiguous();
+  if (problems.has_value() && problems->defined()) {
+    check_problems(p, *problems, max_group);
+  } else {
+    TORCH_CHECK(max_group == -1, kOp, "max_group is given without problems");
+    if (dev.is_cpu()) p.problems = host_problems(p.sample_group, p.ngroups, p.max_group);
+  }
+  if (dev.is_cpu()) {
+    check_index_range(p.in_idx, p.Cin, "in_idx");
+    check_index_range(p.out_idx, p.Cout, "out_idx");
+  }
+  return p;
+}
+
+}  // namespace gencnp_fast

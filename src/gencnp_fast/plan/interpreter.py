@@ -1,0 +1,116 @@
+"""The interpreter: runs a plan's steps with a conv backend and the run's planned indices (docs/design.md §3).
+
+Every step reads and writes compacted tensors; a conv step calls the backend with explicit index lists, conv
+groups and problem list (the backend contract, :mod:`gencnp_fast.kernels.contract`). Nothing here decides on data:
+every decision that depends on the masks was taken by the index planning (:mod:`gencnp_fast.plan.indices`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .indices import RunIndices, apply_remap, small_map_eligible
+from .sets import FlatFeatures
+from .steps import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep
+
+__all__ = ["run_plan", "ConvFn", "small_map_weights"]
+
+# A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
+# problems, max_group) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d)
+ConvFn = Callable[..., torch.Tensor]
+
+
+def small_map_weights(st: ConvStep) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(W2 [C_out*Po, C_in*Pi, 1, 1], bias2)`` with ``W2[(o, q), (c, p)] = weight[o, c, tap]`` for the tap that
+    reads input pixel ``p`` at output pixel ``q`` (0 where none does). Built once per plan, on first use."""
+    if st.small_map is None:
+        w = st.weight
+        cout, cin, kh, kw = w.shape
+        _, h, wd = st.in_shape
+        _, ho, wo = st.out_shape
+        (sh, sw), (ph, pw), (dh, dw) = st.stride, st.padding, st.dilation
+        w2 = w.new_zeros(cout, ho, wo, cin, h, wd)
+        for oy in range(ho):
+            for ox in range(wo):
+                for ty in range(kh):
+                    iy = oy * sh - ph + ty * dh
+                    if not 0 <= iy < h:
+                        continue
+                    for tx in range(kw):
+                        ix = ox * sw - pw + tx * dw
+                        if 0 <= ix < wd:
+                            w2[:, oy, ox, :, iy, ix] = w[:, :, ty, tx]
+        b2 = None if st.bias is None else st.bias.repeat_interleave(ho * wo)
+        st.small_map = (w2.reshape(cout * ho * wo, cin * h * wd, 1, 1).contiguous(), b2)
+    return st.small_map
+
+
+def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: RunIndices,
+               conv: ConvFn) -> torch.Tensor:
+    in_ch, out_ch = ix.sets[st.in_set], ix.sets[st.out_set]
+    b = x.shape[0]
+    if st.linear:
+        x = x.reshape(b, -1, 1, 1)
+    residual = None
+    if st.residual is not None:
+        res_slot, res_set = st.residual
+        residual = apply_remap(env[res_slot], ix.remaps[(res_set, st.out_set)])
+        if st.linear:
+            residual = residual.reshape(b, -1, 1, 1)
+    if in_ch.full and out_ch.full:
+        # Nothing pruned on either side: the dense conv (BN folded) is the fastest kernel there is.
+        y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
+        if residual is not None:
+            y = y.add_(residual)
+        if st.relu:
+            y = y.relu_()
+        return y.reshape(b, -1) if st.linear else y
+    groups = ix.conv_groups[(st.in_set, st.out_set)]
+    if in_ch.ngroups == 1 and out_ch.ngroups == 1 and small_map_eligible(st):
+        # One mask for the whole batch on a tiny map: the conv as a dense linear map of the whole map (2.25x fewer
+        # FLOPs for 3x3 on 2x2, same sums in the same order). With several groups the larger weight slices would
+        # be gathered once per group, which costs more than the saved FLOPs, so those keep the 3x3 path.
+        w2, b2 = small_map_weights(st)
+        _, ho, wo = st.out_shape
+        pi = st.in_shape[1] * st.in_shape[2]
+        res2 = None if residual is None else residual.reshape(b, -1, 1, 1).contiguous()
+        y = conv(x.reshape(b, -1, 1, 1).contiguous(), ix.sets[FlatFeatures(st.in_set, pi)].idx, w2, b2,
+                 ix.sets[FlatFeatures(st.out_set, ho * wo)].idx, groups.sample_group, res2, [1, 1], [0, 0], [1, 1],
+                 st.relu, groups.problems, groups.max_group)
+        return y.reshape(b, -1, ho, wo)
+    y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
+             None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
+             list(st.dilation), st.relu, groups.problems, groups.max_group)
+    return y.reshape(b, -1) if st.linear else y
+
+
+def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[ConvFn],
+             env_out: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Run ``plan`` on ``x`` with the run's ``indices`` (:func:`~gencnp_fast.plan.indices.plan_run`, or the tests'
+    oracle planner) and the conv backend ``conv``; with ``env_out`` (a dict) every value slot is left in it."""
+    b = x.shape[0]
+    env: Dict[str, torch.Tensor] = {plan.input_slot: x}
+    for st in plan.steps:
+        src = env[st.src]
+        if isinstance(st, ConvStep):
+            y = _conv_step(st, src, env, indices, conv)
+        elif isinstance(st, ChannelwiseStep):
+            y = src.new_zeros((b, 0) + tuple(st.out_shape[1:])) if src.shape[1] == 0 else st.fn(src)
+        elif isinstance(st, FlattenStep):
+            y = src.reshape(b, -1)
+        else:
+            y = _remap_step(st, src, env, indices)
+        env[st.dst] = y
+    if env_out is not None:
+        env_out.update(env)
+    return env[plan.output_slot]
+
+
+def _remap_step(st: RemapStep, src: torch.Tensor, env: Dict[str, torch.Tensor], ix: RunIndices) -> torch.Tensor:
+    y = apply_remap(src, ix.remaps[(st.src_set, st.dst_set)])
+    if st.add is not None:
+        y = y + apply_remap(env[st.add[0]], ix.remaps[(st.add[1], st.dst_set)])
+    return F.relu(y) if st.relu else y

@@ -1,0 +1,93 @@
+"""The steps of a compiled plan: what runs, on which value slots and channel sets (docs/design.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .sets import ChannelSetRef
+
+__all__ = ["ConvStep", "ChannelwiseStep", "FlattenStep", "RemapStep", "Step", "Plan"]
+
+
+@dataclasses.dataclass
+class ConvStep:
+    """``out = act(conv(x[in_set], W[out_set, in_set]) + bias + residual)`` on compacted tensors.
+
+    The unit's mask takes effect here: ``out_set`` is the mask's channels when the conv feeds a masked unit, so
+    only those output channels are computed, and the epilogue adds the bias, the residual (re-compacted to
+    ``out_set``) and the ReLU for them alone.
+    """
+
+    name: str
+    src: str  # value slot of the input
+    in_set: ChannelSetRef
+    out_set: ChannelSetRef
+    weight: torch.Tensor  # folded, [C_out, C_in, kh, kw] (Linear: [C_out, C_in, 1, 1])
+    bias: Optional[torch.Tensor]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    relu: bool
+    linear: bool
+    out_shape: Tuple[int, ...]  # per sample, dense: (C_out, Ho, Wo) or (C_out,)
+    in_shape: Tuple[int, ...] = ()  # per sample, dense
+    residual: Optional[Tuple[str, ChannelSetRef]] = None  # (slot, its set) added before the ReLU
+    dst: str = ""
+    # the conv as one dense linear map of its whole input map, built on first use (interpreter.small_map_weights)
+    small_map: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+
+@dataclasses.dataclass
+class ChannelwiseStep:
+    """A channel-wise op (pooling, dropout, identity, ReLU of an unmasked unit) on a compacted tensor."""
+
+    name: str
+    src: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    out_shape: Tuple[int, ...]  # per sample, dense
+    dst: str = ""
+
+
+@dataclasses.dataclass
+class FlattenStep:
+    """``[B, K, H, W] -> [B, K * H * W]``: its features are the set's ``FlatFeatures``."""
+
+    name: str
+    src: str
+    dst: str = ""
+
+
+@dataclasses.dataclass
+class RemapStep:
+    """Re-compact ``src`` from ``src_set`` to ``dst_set`` (zeros where absent), optionally adding another value
+    and applying ReLU: units fed by non-conv ops, adds of two non-conv values, the model's output."""
+
+    name: str
+    src: str
+    src_set: ChannelSetRef
+    dst_set: ChannelSetRef
+    relu: bool = False
+    add: Optional[Tuple[str, ChannelSetRef]] = None
+    dst: str = ""
+
+
+Step = Union[ConvStep, ChannelwiseStep, FlattenStep, RemapStep]
+
+
+@dataclasses.dataclass
+class Plan:
+    """A model compiled for one input shape and one set of masked units (:func:`~gencnp_fast.plan.lowering.
+    compile_plan`): its steps over value slots, and what the run's index planning needs to know."""
+
+    steps: List[Step]
+    input_slot: str
+    input_channels: int
+    output_slot: str
+    set_channels: Dict[ChannelSetRef, int]  # channel count of every set the steps name
+    units: Dict[str, int]  # unit name -> channels, for the units whose masks this plan reads
+    output_dense_shape: Tuple[int, ...]
+    unit_slots: Dict[str, str] = dataclasses.field(default_factory=dict)  # unit name -> value slot of its output
+    run_program: object = None  # indices.RunRequests: what a run needs planned (built on first use)
