@@ -14,7 +14,7 @@ import torch
 
 from gencnp_fast import Pathway, models, pathway_units
 from gencnp_fast.evaluation.report import Figure, write_report
-from gencnp_fast.evaluation.suite import run_suite
+from gencnp_fast.evaluation.suite import SuiteConfig, run_suite
 
 GENCNP_KEYS = {"fidelity", "mDC", "mIC", "density_mean", "density_std", "density_per_unit", "acIOU",
                "inter_class_iou", "explain_ms_per_image"}
@@ -44,9 +44,10 @@ def suite_run(tmp_path_factory):
     tcls = Pathway.random(units, 0.4, 30, groups=ty, generator=g)
     tpw = {u.name: tcls[u.name] for u in units}
     scores = {u.name: torch.rand(36, u.channels, generator=g) for u in units}
+    cfg = SuiteConfig(cdrp_max_samples=12, cdrp_steps=2, sweep_densities=(0.1, 0.4), transfer_js=(1, "all"),
+                      cam_images=3, batch_size=16)
     res = run_suite(m, x, y, pw, out, train_y=ty, train_pathway=tpw, gencnp_explain_ms=0.01, gencnp_scores=scores,
-                    cdrp_max_samples=12, cdrp_steps=2, sweep_densities=(0.1, 0.4), transfer_js=(1, "all"),
-                    cam_images=3, batch_size=16, meta={"model": "tiny"},
+                    config=cfg, meta={"model": "tiny"},
                     pathway_fn=lambda _m, xb: {u.name: torch.ones(xb.shape[0], u.channels, dtype=torch.bool)
                                                for u in units})
     return out, res
@@ -66,6 +67,15 @@ def test_suite_returns_metrics_json_ready(suite_run):
     assert suite["gencnp"]["explain_ms_per_image"] == 0.01  # the caller's number is kept
     assert suite["gencnp"]["explain_ms_per_image_same_run"] > 0  # pathway_fn timed beside the baselines
     json.dumps({"baselines": res["baselines"], "transfer": res["transfer"], "suite": suite})  # JSON-ready
+
+
+def test_suite_config_quick_settings(suite_run):
+    q = SuiteConfig(quick=True).effective()
+    assert (q.cdrp_max_samples, q.sweep_samples, q.cam_images) == (128, 128, 4)
+    assert q.sweep_densities == (0.05, 0.15, 0.3, 0.6)
+    assert SuiteConfig().effective() == SuiteConfig()
+    _, res = suite_run  # the settings a run used are recorded
+    assert res["suite"]["settings"]["cdrp_max_samples"] == 12 and res["suite"]["settings"]["quick"] is False
 
 
 def test_suite_writes_pngs_and_self_contained_report(suite_run):
@@ -133,8 +143,9 @@ def test_run_suite_from_demo_dir_merges_metrics(tmp_path):
                tmp_path / "pathways.pt")
     (tmp_path / "metrics.json").write_text(json.dumps({"target": {"accuracy": 0.5},
                                                        "gencnp": {"explain_ms_per_image": 0.01}}))
-    res = run_suite_from_dir(str(tmp_path), make_report=False, cdrp_max_samples=6, cdrp_steps=1,
-                             sweep_densities=(0.3,), transfer_js=("all",))
+    cfg = SuiteConfig(make_report=False, cdrp_max_samples=6, cdrp_steps=1, sweep_densities=(0.3,),
+                      transfer_js=("all",))
+    res = run_suite_from_dir(str(tmp_path), config=cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["target"] == {"accuracy": 0.5} and saved["gencnp"]["explain_ms_per_image"] == 0.01
     assert set(saved["baselines"]) == {"cdrp", "neuron_mct", "random"}

@@ -212,7 +212,7 @@ def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2
     Class pathways are built from GEN-CNP's pathways of (at most ``max_train``) training images; GEN-CNP's explainer
     is timed beside the baselines, in the same run and batch size.
     """
-    from .evaluation.suite import run_suite
+    from .evaluation.suite import SuiteConfig, run_suite
 
     def hook(res) -> None:
         gen = res.generator
@@ -224,8 +224,8 @@ def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2
         suite = run_suite(
             res.target, res.data.x, res.data.y, res.pathway, out_dir,
             train_x=None if tr is None else tr.x, train_y=None if tr is None else tr.y,
-            gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), gencnp_scores=scores,
-            pathway_fn=lambda _m, x: gen.explain(x), quick=quick, log=None if quiet else print,
+            gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), config=SuiteConfig(quick=quick),
+            gencnp_scores=scores, pathway_fn=lambda _m, x: gen.explain(x), log=None if quiet else print,
         )
         res.metrics["baselines"] = suite["baselines"]
         res.metrics["transfer"] = suite["transfer"]

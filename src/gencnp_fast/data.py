@@ -52,10 +52,6 @@ class ImageData:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes) if self.classes else int(self.y.max()) + 1 if len(self) else 0
-
     def subset(self, idx) -> "ImageData":
         return ImageData(self.x[idx], self.y[idx], self.classes, self.name)
 

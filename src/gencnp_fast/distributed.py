@@ -8,16 +8,18 @@ started by ``torchrun`` with ``WORLD_SIZE > 1``. Under ``torchrun`` the CLI call
 the permutation ``randperm(N, generator seeded (seed·1000003 + e))`` is cut into *global* batches of
 ``batch_size``; global batch ``b`` is split into ``world_size`` contiguous slices (``torch.tensor_split``: sizes
 differ by at most one, equal when ``world_size`` divides the batch) and rank ``r`` takes slice ``r``
-(:func:`shard_slice`). Every rank computes the same permutation, so no sampler state is exchanged. The generator is
-wrapped in ``DistributedDataParallel`` (the frozen target is not: it has no trainable parameters; the generator
-has no batch norm, only LayerNorm, so no SyncBatchNorm is needed). The loss equals the single-process loss of the
-global batch:
+(:func:`local_batch`). Every rank computes the same permutation, so no sampler state is exchanged. The generator is
+wrapped in ``DistributedDataParallel`` (:func:`wrap_generator`; the frozen target is not: it has no trainable
+parameters; the generator has no batch norm, only LayerNorm, so no SyncBatchNorm is needed). Every rank runs the
+one training loss, :func:`gencnp_fast.generator.gencnp_loss`, on its slice; it equals the single-process loss of
+the global batch:
 
 * per-sample terms (KD faithfulness, mask density, PDN head distillation) are means over the local slice, weighted
   by ``n_r · world_size / n_global`` so that DDP's gradient average is the global-batch mean also for uneven slices;
 * the batch-coupled class terms (supervised-contrastive on the codes and on the masks) are computed on the *whole*
-  global batch on every rank, from rows all-gathered with ``torch.distributed.nn.functional.all_gather`` (whose
-  backward sums the gradients of all ranks; with DDP's average this is exactly the single-process gradient).
+  global batch on every rank, from rows all-gathered with ``torch.distributed.nn.functional.all_gather``
+  (:func:`gather_batch`, whose backward sums the gradients of all ranks; with DDP's average this is exactly the
+  single-process gradient).
 
 No sample is dropped or padded: a global batch of fewer than 2 samples is skipped, as in one process; a rank whose
 slice is empty (a last batch smaller than the world size) runs its forward on a placeholder row with weight 0 and
@@ -67,7 +69,8 @@ __all__ = [
     "wrap_generator",
     "all_reduce_sum",
     "gather_rows",
-    "sharded_gencnp_loss",
+    "local_batch",
+    "gather_batch",
     "validate_sharded",
     "explain_sharded",
     "evaluate_sharded",
@@ -213,9 +216,12 @@ def batch_shard(n: int, batch_size: int, world: int, r: int) -> List[Tuple[int, 
 
 
 # Collectives -----------------------------------------------------------------------------------------------------
-def wrap_generator(gen: nn.Module) -> nn.Module:
-    """The generator in ``DistributedDataParallel`` (on this rank's device); its ``forward(features, logits,
-    mode)`` is ``gen.from_features``. The frozen target moves to the device but is not wrapped."""
+def wrap_generator(gen: nn.Module):
+    """What :func:`~gencnp_fast.generator.gencnp_loss` calls the generator through: ``gen.from_features(features,
+    logits, mode)`` for one process; under ``torchrun`` the generator in ``DistributedDataParallel`` (on this rank's
+    device) with that forward. The frozen target moves to the device but is not wrapped."""
+    if not is_active():
+        return gen.from_features
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = device()
@@ -276,48 +282,23 @@ def gather_rows(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False, g
 
 
 # Training --------------------------------------------------------------------------------------------------------
-def sharded_gencnp_loss(model: nn.Module, gen, x_all: torch.Tensor, idx: torch.Tensor, cfg, mode: str,
-                        sp_scale: float = 1.0) -> Dict[str, object]:
-    """This rank's part of :func:`gencnp_loss` on the global batch ``x_all[idx]`` (see the module doc).
-
-    Returns ``{"loss": tensor to backpropagate, "report": {"loss", "kd", "density", "cls"}}`` where the report
-    holds the single-process values of the global batch (all-reduced).
-    """
-    from .generator.pdn import distill_kl, supervised_contrastive
-    from .model.reference import capture_units, soft_pathway_forward
-
+def local_batch(x_all: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """This rank's rows of the global batch ``x_all[idx]`` (on this rank's device under ``torchrun``) and how many
+    rows every rank holds (:func:`shard_sizes`): ``(x_all[idx], [len(idx)])`` for one process. A rank whose slice
+    is empty gets a placeholder row (its count, 0, gives it weight 0 in
+    :func:`~gencnp_fast.generator.gencnp_loss`)."""
     world, r = world_size(), rank()
     sizes = shard_sizes(len(idx), world)
-    n_global, n_local = len(idx), sizes[r]
-    sl = shard_slice(len(idx), world, r)
-    local_idx = idx[sl] if n_local > 0 else idx[:1]  # an empty slice runs on a placeholder row, weight 0
-    dev = device()
-    x = x_all[local_idx].to(dev)
-    target = gen.target
-    with torch.no_grad():
-        z, feats = capture_units(target, x)
-    out = model(feats, z, mode)
-    z_m = soft_pathway_forward(target, out.masks, x)
-    kd = distill_kl(z, z_m, cfg.tau)
-    flat = torch.cat([out.masks[n] for n in gen.unit_names], 1)
-    density = flat.mean()
-    y_hat = z.argmax(1)
-    head = distill_kl(z, out.class_logits, cfg.tau)
-    group = _STATE["group"]
-    code_g = gather_rows(out.code, sizes, autograd=True, group=group)
-    flat_g = gather_rows(flat, sizes, autograd=True, group=group)
-    y_g = gather_rows(y_hat, sizes, group=group)
-    contrast = supervised_contrastive(code_g, y_g, cfg.supcon_temperature)
-    contrast = contrast + supervised_contrastive(flat_g, y_g, cfg.supcon_temperature)
-    w = n_local * world / n_global
-    local = kd + cfg.lambda_sp * sp_scale * density + cfg.lambda_cls * head
-    loss = w * local + cfg.lambda_cls * contrast
-    f = n_local / n_global  # this rank's share of the global means
-    with torch.no_grad():
-        rep = all_reduce_sum([f * float(local) + float(cfg.lambda_cls * contrast) / world, f * float(kd),
-                              f * float(density), f * float(head) + float(contrast) / world])
-    report = {k: torch.tensor(v) for k, v in zip(("loss", "kd", "density", "cls"), rep)}
-    return {"loss": loss, "report": report}
+    local_idx = idx[shard_slice(len(idx), world, r)] if sizes[r] > 0 else idx[:1]
+    x = x_all[local_idx]
+    return (x.to(device()) if is_active() else x), sizes
+
+
+def gather_batch(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False) -> torch.Tensor:
+    """The global batch's rows of ``t`` (each rank holding ``sizes[rank]``), in rank order: :func:`gather_rows` on
+    the loss's own process group, so that these gathers never interleave with DDP's gradient all-reduces. ``t``'s
+    rows for one process."""
+    return gather_rows(t, sizes, autograd=autograd, group=_STATE["group"])
 
 
 @torch.no_grad()

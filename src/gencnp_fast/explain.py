@@ -1,4 +1,4 @@
-"""Explain a dataset with a trained GEN-CNP generator and evaluate the pathways (DESIGN §5).
+"""Explain a dataset with a trained GEN-CNP generator and evaluate the pathways (docs/design.md §5).
 
 :func:`evaluate_gencnp` is the one entry point the CLI (``gencnp evaluate`` / ``gencnp demo``) uses: it returns an
 :class:`ExplainResult` holding the metrics dict *and* the objects behind it (target, generator, test data, pathways,
@@ -131,7 +131,7 @@ def time_explain(gen: GenCNP, x: torch.Tensor, batch_size: int = 256, backend: s
 
 def pathway_metrics(full_logits: torch.Tensor, path_logits: torch.Tensor, pathway, y: torch.Tensor,
                     units: Sequence[str], num_classes: Optional[int] = None) -> Dict[str, object]:
-    """The DESIGN §5 metrics of per-sample pathways: fidelity, mDC, mIC, density (mean, std, per unit), acIOU and
+    """The docs/design.md §5 metrics of per-sample pathways: fidelity, mDC, mIC, density (mean, std, per unit), acIOU and
     inter-class IoU (classes: the labels ``y``)."""
     m: Dict[str, object] = dict(confidence_metrics(full_logits, path_logits))
     m.update(density_stats(pathway, units))
@@ -173,14 +173,11 @@ def load_pathways(path: str) -> dict:
     return d
 
 
-def write_outputs(out_dir: str, result: ExplainResult, extra: Optional[dict] = None) -> None:
-    """``metrics.json`` (``result.metrics`` merged with ``extra``) and ``pathways.pt`` into ``out_dir``."""
+def write_outputs(out_dir: str, result: ExplainResult) -> None:
+    """``metrics.json`` (``result.metrics``) and ``pathways.pt`` into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    metrics = dict(result.metrics)
-    for k, v in (extra or {}).items():
-        metrics[k] = {**metrics.get(k, {}), **v} if isinstance(v, dict) and isinstance(metrics.get(k), dict) else v
     with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2, sort_keys=False)
+        json.dump(result.metrics, fh, indent=2, sort_keys=False)
     save_pathways(os.path.join(out_dir, "pathways.pt"), result.data.x, result.data.y, result.pathway,
                   result.generator.unit_names)
 

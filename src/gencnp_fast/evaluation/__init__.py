@@ -1,4 +1,4 @@
-"""Evaluation of pathways: metrics (DESIGN §5), baselines, class-pathway transfer and reports."""
+"""Evaluation of pathways: metrics (docs/design.md §5), baselines, class-pathway transfer and reports."""
 
 from .metrics import class_iou, confidence_metrics, density_stats, flatten_pathway, iou_matrix
 

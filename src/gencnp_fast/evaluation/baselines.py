@@ -1,4 +1,4 @@
-"""Baseline pathway methods at matched density (DESIGN §5): CDRP/DGR, NeuronMCT and Random.
+"""Baseline pathway methods at matched density (docs/design.md §5): CDRP/DGR, NeuronMCT and Random.
 
 Every baseline produces a per-sample pathway (unit name -> bool ``[N, C]``) and is scored with the same metrics as
 GEN-CNP (:func:`evaluate_pathway`): its pathway forward runs through :func:`gencnp_fast.fast_pathway_forward`.
@@ -35,6 +35,7 @@ run (batches of ``batch_size``), divided by the number of images — the way GEN
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -331,8 +332,9 @@ def run_baselines(
     """Every baseline at the per-sample density of ``reference`` (GEN-CNP's pathway ``{unit: bool [N, C]}``).
 
     CDRP runs on ``cdrp_max_samples`` samples drawn at random (seeded; all when ``None``); its metrics are over
-    those samples and include ``reference_mDC`` / ``reference_fidelity`` / ``reference_acIOU``: the reference pathway's metrics on the
-    same samples, for a like-for-like comparison. ``n_samples`` is recorded for every method.
+    those samples and include ``reference_mDC`` / ``reference_fidelity`` / ``reference_acIOU``: the reference
+    pathway's metrics on the same samples, for a like-for-like comparison. ``n_samples`` is recorded for every
+    method.
 
     Returns ``(metrics, artifacts)``: ``metrics[method]`` has the keys of :func:`evaluate_pathway`;
     ``artifacts`` holds the pathways (``"<method>_pathway"``), the raw scores (``"cdrp_gates"``,
@@ -341,58 +343,86 @@ def run_baselines(
     model.eval()
     names = list(units) if units is not None else list(reference)
     channels = unit_channels(model, x, names)
-    d_total = sum(channels.values())
-    n = x.shape[0]
     full = full_logits(model, x) if full is None else full
     k = per_sample_keep_counts(reference, names)
+    lab = None if labels is None else torch.as_tensor(labels).long().cpu()
+    ctx = _BaselineRun(model, x, reference, lab, names, channels, k, full, seed,
+                       dict(units=names, batch_size=256, backend=backend, num_classes=num_classes))
+    gen = torch.Generator().manual_seed(seed)
     metrics: Dict[str, Dict[str, object]] = {}
     art: Dict[str, object] = {}
-    gen = torch.Generator().manual_seed(seed)
-    lab = None if labels is None else torch.as_tensor(labels).long().cpu()
-    common = dict(units=names, batch_size=256, backend=backend, num_classes=num_classes)
-
     for method in methods:
         if method == "cdrp":
-            m = n if cdrp_max_samples is None else min(n, int(cdrp_max_samples))
-            # a seeded random subset (datasets are often sorted by class: the first m would miss classes)
-            idx = torch.arange(n) if m == n else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]
-            idx = idx.sort().values
-            xs = x[idx]
-
-            def go():
-                gates = cdrp_gates(model, xs, names, steps=cdrp_steps, lr=cdrp_lr, momentum=cdrp_momentum,
-                                   l1=cdrp_l1, batch_size=batch_size)
-                return gates, _binarise(gates, channels, k[idx], seed)
-
-            (gates, pw), sec = _timed(go)
-            sub_lab = None if lab is None else lab[idx]
-            res = evaluate_pathway(model, xs, pw, sub_lab, full=full[idx], explain_ms_per_image=1000 * sec / m,
-                                   **common)
-            ref_sub = {u: reference[u][idx] for u in names}
-            ref_res = evaluate_pathway(model, xs, ref_sub, sub_lab, full=full[idx], **common)
-            res.update({"n_samples": m, "reference_mDC": ref_res["mDC"], "reference_fidelity": ref_res["fidelity"],
-                        "reference_acIOU": ref_res["acIOU"]})
-            art.update(cdrp_gates=gates, cdrp_pathway=pw, cdrp_index=idx)
+            gate_kwargs = dict(steps=cdrp_steps, lr=cdrp_lr, momentum=cdrp_momentum, l1=cdrp_l1, batch_size=batch_size)
+            metrics[method] = _run_cdrp(ctx, cdrp_max_samples, gate_kwargs, art)
         elif method == "neuron_mct":
-            def go():
-                scores = neuron_mct_scores(model, x, names, batch_size)
-                return scores, _binarise(scores, channels, k, seed)
-
-            (scores, pw), sec = _timed(go)
-            res = evaluate_pathway(model, x, pw, lab, full=full, explain_ms_per_image=1000 * sec / n, **common)
-            res["n_samples"] = n
-            art.update(neuron_mct_scores=scores, neuron_mct_pathway=pw)
+            metrics[method] = _run_neuron_mct(ctx, batch_size, art)
         elif method == "random":
             pw, sec = _timed(lambda: random_pathways(reference, names, gen))
-            res = evaluate_pathway(model, x, pw, lab, full=full, explain_ms_per_image=1000 * sec / n, **common)
-            res["n_samples"] = n
+            metrics[method] = ctx.score(pw, sec)
             art["random_pathway"] = pw
         else:
             raise ValueError(f"unknown baseline {method!r}; choose from cdrp, neuron_mct, random")
-        metrics[method] = res
-    art["channels"] = channels
-    art["d_total"] = d_total
     return metrics, art
+
+
+@dataclasses.dataclass
+class _BaselineRun:
+    """What every baseline of :func:`run_baselines` needs: the inputs, the reference and its keep counts."""
+
+    model: nn.Module
+    x: torch.Tensor
+    reference: Mapping[str, torch.Tensor]
+    labels: Optional[torch.Tensor]
+    names: List[str]
+    channels: Dict[str, int]
+    k: torch.Tensor                    # kept channels per sample (the reference's)
+    full: torch.Tensor                 # the model's logits on x
+    seed: int
+    eval_kwargs: Dict[str, object]     # for evaluate_pathway
+
+    def score(self, pw: Masks, seconds: float) -> Dict[str, object]:
+        """The metrics of a pathway of all samples, produced in ``seconds``."""
+        n = self.x.shape[0]
+        res = evaluate_pathway(self.model, self.x, pw, self.labels, full=self.full,
+                               explain_ms_per_image=1000 * seconds / n, **self.eval_kwargs)
+        res["n_samples"] = n
+        return res
+
+
+def _run_cdrp(ctx: _BaselineRun, max_samples: Optional[int], gate_kwargs, art: Dict[str, object]):
+    """CDRP on ``max_samples`` samples drawn at random (seeded), with the reference's metrics on them."""
+    n = ctx.x.shape[0]
+    m = n if max_samples is None else min(n, int(max_samples))
+    # a seeded random subset (datasets are often sorted by class: the first m would miss classes)
+    idx = torch.arange(n) if m == n else torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))[:m]
+    idx = idx.sort().values
+    xs = ctx.x[idx]
+
+    def go():
+        gates = cdrp_gates(ctx.model, xs, ctx.names, **gate_kwargs)
+        return gates, _binarise(gates, ctx.channels, ctx.k[idx], ctx.seed)
+
+    (gates, pw), sec = _timed(go)
+    sub_lab = None if ctx.labels is None else ctx.labels[idx]
+    res = evaluate_pathway(ctx.model, xs, pw, sub_lab, full=ctx.full[idx], explain_ms_per_image=1000 * sec / m,
+                           **ctx.eval_kwargs)
+    ref_sub = {u: ctx.reference[u][idx] for u in ctx.names}
+    ref_res = evaluate_pathway(ctx.model, xs, ref_sub, sub_lab, full=ctx.full[idx], **ctx.eval_kwargs)
+    res.update({"n_samples": m, "reference_mDC": ref_res["mDC"], "reference_fidelity": ref_res["fidelity"],
+                "reference_acIOU": ref_res["acIOU"]})
+    art.update(cdrp_gates=gates, cdrp_pathway=pw, cdrp_index=idx)
+    return res
+
+
+def _run_neuron_mct(ctx: _BaselineRun, batch_size: int, art: Dict[str, object]):
+    def go():
+        scores = neuron_mct_scores(ctx.model, ctx.x, ctx.names, batch_size)
+        return scores, _binarise(scores, ctx.channels, ctx.k, ctx.seed)
+
+    (scores, pw), sec = _timed(go)
+    art.update(neuron_mct_scores=scores, neuron_mct_pathway=pw)
+    return ctx.score(pw, sec)
 
 
 def density_sweep(

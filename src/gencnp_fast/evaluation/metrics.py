@@ -1,4 +1,4 @@
-"""Pathway metrics (DESIGN §5).
+"""Pathway metrics (docs/design.md §5).
 
 With ŷ = argmax H(x), y = softmax(H(x))_ŷ and o = softmax(H(x; m))_ŷ over N samples:
 

@@ -14,7 +14,7 @@ import html
 import io
 import math
 import os
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -330,7 +330,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def metrics_table_html(methods: Mapping[str, Mapping[str, object]]) -> str:
-    """One row per method with the DESIGN §5 metrics."""
+    """One row per method with the docs/design.md §5 metrics."""
     cols = [
         ("fidelity", "Fidelity ↑"), ("mDC", "mDC % ↓"), ("mIC", "mIC % ↑"), ("density_mean", "Density"),
         ("density_std", "Density std"), ("acIOU", "acIOU ↑"), ("inter_class_iou", "Inter-class IoU"),
@@ -409,6 +409,39 @@ _SCRIPT = """
 """
 
 
+def _summary_html(methods: Mapping[str, Mapping[str, object]], transfer: Optional[Mapping[str, object]],
+                  checks: Optional[Sequence[Mapping[str, object]]]) -> List[str]:
+    """The report's summary section: GEN-CNP's headline numbers as cards, then the table of the checked claims."""
+    cards = []
+    g = methods.get("gencnp", {})
+    if g:
+        cards.append(("GEN-CNP fidelity", _fmt(g.get("fidelity")), f"mDC {_fmt(g.get('mDC'))} %"))
+        cards.append(("GEN-CNP density", _fmt(g.get("density_mean")), f"± {_fmt(g.get('density_std'))} over samples"))
+        cards.append(("GEN-CNP acIOU", _fmt(g.get("acIOU")), f"inter-class {_fmt(g.get('inter_class_iou'))}"))
+        if g.get("explain_ms_per_image") is not None:
+            cards.append(("GEN-CNP explain", f"{_fmt(g.get('explain_ms_per_image'), 3)} ms", "per image, batched"))
+    if transfer and "majority" in transfer:
+        cards.append(("Transferred class pathways", _fmt(transfer["majority"]["fidelity"]),
+                      "fidelity, majority vote, j = all"))
+    parts = ['<section><h2>Summary</h2><div class="cards">']
+    for k, v, s in cards:
+        parts.append(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div>'
+                     f'<div class="s">{html.escape(s)}</div></div>')
+    parts.append("</div>")
+    if checks:
+        parts.append('<table class="metrics"><thead><tr><th>Claim</th><th>Measured</th><th>Target</th><th>Result</th>'
+                     "</tr></thead><tbody>")
+        for c in checks:
+            ok = c.get("passed")
+            res = '<span class="pass">✔ pass</span>' if ok else ('<span class="fail">✘ fail</span>' if ok is not None
+                                                                  else "—")
+            parts.append(f"<tr><th>{html.escape(str(c['claim']))}</th><td>{html.escape(str(c['measured']))}</td>"
+                         f"<td>{html.escape(str(c['target']))}</td><td>{res}</td></tr>")
+        parts.append("</tbody></table>")
+    parts.append("</section>")
+    return parts
+
+
 def write_report(
     out_dir: str,
     figures: Sequence[Figure],
@@ -433,34 +466,7 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         f"<header><h1>{html.escape(title)}</h1><p>{sub}{' · ' if sub else ''}generated {when}</p></header><main>",
     ]
-    # summary cards
-    cards = []
-    g = methods.get("gencnp", {})
-    if g:
-        cards.append(("GEN-CNP fidelity", _fmt(g.get("fidelity")), f"mDC {_fmt(g.get('mDC'))} %"))
-        cards.append(("GEN-CNP density", _fmt(g.get("density_mean")), f"± {_fmt(g.get('density_std'))} over samples"))
-        cards.append(("GEN-CNP acIOU", _fmt(g.get("acIOU")), f"inter-class {_fmt(g.get('inter_class_iou'))}"))
-        if g.get("explain_ms_per_image") is not None:
-            cards.append(("GEN-CNP explain", f"{_fmt(g.get('explain_ms_per_image'), 3)} ms", "per image, batched"))
-    if transfer and "majority" in transfer:
-        cards.append(("Transferred class pathways", _fmt(transfer["majority"]["fidelity"]),
-                      "fidelity, majority vote, j = all"))
-    parts.append('<section><h2>Summary</h2><div class="cards">')
-    for k, v, s in cards:
-        parts.append(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div>'
-                     f'<div class="s">{html.escape(s)}</div></div>')
-    parts.append("</div>")
-    if checks:
-        parts.append('<table class="metrics"><thead><tr><th>Claim</th><th>Measured</th><th>Target</th><th>Result</th>'
-                     "</tr></thead><tbody>")
-        for c in checks:
-            ok = c.get("passed")
-            res = '<span class="pass">✔ pass</span>' if ok else ('<span class="fail">✘ fail</span>' if ok is not None
-                                                                  else "—")
-            parts.append(f"<tr><th>{html.escape(str(c['claim']))}</th><td>{html.escape(str(c['measured']))}</td>"
-                         f"<td>{html.escape(str(c['target']))}</td><td>{res}</td></tr>")
-        parts.append("</tbody></table>")
-    parts.append("</section>")
+    parts += _summary_html(methods, transfer, checks)
     parts.append("<section><h2>All metrics at matched density</h2>")
     parts.append(metrics_table_html(methods))
     parts.append(

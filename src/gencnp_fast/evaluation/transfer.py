@@ -1,4 +1,4 @@
-"""Class pathways and their transfer to other samples of the class (DESIGN §4, §5).
+"""Class pathways and their transfer to other samples of the class (docs/design.md §4, §5).
 
 - **Class pathway** of class k from ``j`` pathways of class k (the first ``j`` training samples of the class in
   dataset order, or a seeded random choice with ``pick="random"``; ``j=None``/``"all"`` uses every one):
@@ -60,8 +60,7 @@ def class_pathways(
 ) -> Dict[str, torch.Tensor]:
     """``{unit: bool [K, C]}``: row k is class k's pathway from ``j`` of its pathways (see module docstring).
 
-    A class with no sample gets an all-kept row (a unit missing from a pathway is kept whole, DESIGN §2); the
-    classes that had samples are listed by :func:`class_counts`-style bookkeeping in :func:`transfer_study`.
+    A class with no sample gets an all-kept row (a unit missing from a pathway is kept whole, docs/design.md §2).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")

@@ -1,4 +1,4 @@
-"""Training GEN-CNP (DESIGN §4): KD faithfulness + density penalty + class term; Adam; checkpoints with resume.
+"""Training GEN-CNP (docs/design.md §4): KD faithfulness + density penalty + class term; Adam; checkpoints with resume.
 
 Per batch (the target is frozen, in eval mode):
 
@@ -11,6 +11,9 @@ Per batch (the target is frozen, in eval mode):
    ``class_term = KL(softmax(z/τ) ‖ softmax(head(c)/τ))·τ² + SupCon(c; ŷ) + SupCon(m; ŷ)`` with ŷ the target's
    prediction. No sparsity budget: λ_sp trades density against faithfulness per instance. λ_sp ramps up linearly
    over the first ``sp_warmup`` fraction of the steps.
+
+One process and many (``torchrun``, :mod:`gencnp_fast.distributed`) run the same step: :func:`gencnp_loss` gets
+this process's slice of the global batch (all of it for one process) and gives the loss of the global batch.
 
 Validation after every epoch runs the hard pathways through :func:`fast_pathway_forward` and records fidelity, mean
 density and mDC. The *best* checkpoint is the one with the lowest validation density among the epochs whose
@@ -25,7 +28,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -33,12 +36,13 @@ from .. import distributed as D
 from ..data import ImageData, check_labels
 from ..evaluation.metrics import confidence_metrics, density_stats
 from ..model.reference import soft_pathway_forward
-from ..plan.engine import dense_capture
-from ..plan import fast_pathway_forward
-from .gencnp import GenCNP
+from ..plan import dense_capture, fast_pathway_forward
+from .gencnp import GenCNP, GenCNPOutput
 from .pdn import distill_kl, supervised_contrastive
 
 __all__ = ["TrainConfig", "train_gencnp", "validate", "gencnp_loss", "seed_everything"]
+
+TERMS = ("loss", "kd", "density", "cls")  # the reported terms of the loss (per-epoch means in the history)
 
 
 @dataclasses.dataclass
@@ -59,11 +63,6 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"            # fast_pathway_forward backend for validation
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 def seed_everything(seed: int) -> None:
     import random
@@ -75,22 +74,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def gencnp_loss(gen: GenCNP, x: torch.Tensor, cfg: TrainConfig, mode: str, sp_scale: float = 1.0) -> Dict[str, torch.Tensor]:
-    """The training loss on one batch; returns its terms (``loss``, ``kd``, ``density``, ``cls``)."""
+def gencnp_loss(forward: Callable[..., GenCNPOutput], gen: GenCNP, x: torch.Tensor, cfg: TrainConfig, mode: str,
+                sp_scale: float = 1.0, shard: Optional[Sequence[int]] = None) -> Dict[str, object]:
+    """The training loss of a global batch, of which this process holds the rows ``x``.
+
+    Args:
+        forward: ``(features, logits, mode) -> GenCNPOutput``: ``gen.from_features`` in one process, the generator
+            in DistributedDataParallel under ``torchrun`` (:func:`gencnp_fast.distributed.wrap_generator` gives
+            the right one).
+        x: this process's rows of the global batch (:func:`gencnp_fast.distributed.local_batch`).
+        shard: how many rows every process holds, in rank order (``None``: one process holding ``x``, the whole
+            batch). A process without rows passes one placeholder row; its count 0 gives it weight 0.
+        sp_scale: the warm-up factor of λ_sp.
+
+    The per-sample terms (KD faithfulness, density, PDN head distillation) are means over ``x`` weighted by
+    ``w = n_local · world / n_global``, so that DDP's average of the gradients over processes is the gradient of the
+    global-batch mean also for uneven slices; the batch-coupled class terms (supervised-contrastive on the codes
+    and on the masks) are computed on the whole global batch, gathered from every process with autograd (the
+    backward sums every process's gradient into the rows of their owner). For one process ``w = 1`` and the gather
+    is the identity. The result: ``{"loss": the tensor to backpropagate, "report": {"loss", "kd", "density",
+    "cls"}}``, the report holding the terms of the global batch as floats (the same on every process).
+    """
+    sizes = [x.shape[0]] if shard is None else list(shard)
+    world, n_global = len(sizes), sum(sizes)
+    w = sizes[D.rank()] * world / n_global
     target = gen.target
     with torch.no_grad():
         z, feats = dense_capture(target, x)
-    out = gen.from_features(feats, z, mode)
+    out = forward(feats, z, mode)
     z_m = soft_pathway_forward(target, out.masks, x)
     kd = distill_kl(z, z_m, cfg.tau)
     flat = torch.cat([out.masks[n] for n in gen.unit_names], 1)
     density = flat.mean()
-    y_hat = z.argmax(1)
-    cls = distill_kl(z, out.class_logits, cfg.tau)
-    cls = cls + supervised_contrastive(out.code, y_hat, cfg.supcon_temperature)
-    cls = cls + supervised_contrastive(flat, y_hat, cfg.supcon_temperature)
-    loss = kd + cfg.lambda_sp * sp_scale * density + cfg.lambda_cls * cls
-    return {"loss": loss, "kd": kd.detach(), "density": density.detach(), "cls": cls.detach()}
+    y_hat = D.gather_batch(z.argmax(1), sizes)
+    cls = w * distill_kl(z, out.class_logits, cfg.tau)
+    cls = cls + supervised_contrastive(D.gather_batch(out.code, sizes, autograd=True), y_hat, cfg.supcon_temperature)
+    cls = cls + supervised_contrastive(D.gather_batch(flat, sizes, autograd=True), y_hat, cfg.supcon_temperature)
+    loss = w * (kd + cfg.lambda_sp * sp_scale * density) + cfg.lambda_cls * cls
+    with torch.no_grad():  # the mean over processes of (loss, w·kd, w·density, cls) is the global batch's
+        local = [float(loss), w * float(kd), w * float(density), float(cls)]
+        report = dict(zip(TERMS, (v / world for v in D.all_reduce_sum(local))))
+    return {"loss": loss, "report": report}
 
 
 @torch.no_grad()
@@ -129,6 +153,146 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass
+class _EpochSums:
+    """Running sums of the reported terms over an epoch's steps (what a mid-epoch checkpoint saves)."""
+
+    sums: Dict[str, float]
+    nb: int = 0
+    seconds: float = 0.0
+    stopped_at_step: Optional[int] = None
+
+
+class _Trainer:
+    """The state of one :func:`train_gencnp` call: optimiser, history, best epoch, files (only rank 0 writes)."""
+
+    def __init__(self, gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str],
+                 quiet: bool, log, checkpoint_every: Optional[int], stop_after_steps: Optional[int]):
+        self.gen, self.train, self.val, self.cfg = gen, train, val, cfg
+        self.quiet, self.log = quiet, log
+        self.checkpoint_every, self.stop_after_steps = checkpoint_every, stop_after_steps
+        self.opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.total_steps = max(cfg.epochs * self.steps_per_epoch, 1)
+        self.history: List[Dict[str, float]] = []
+        self.best, self.best_epoch, self.best_state = None, -1, None
+        self.start_epoch = 0
+        self.partial = None  # a mid-epoch position to continue from (resume)
+        self.ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+        self.best_path = os.path.join(out_dir, "generator.pt") if out_dir else None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+
+    # resume and checkpoints -----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from ``checkpoint.pt`` if there is one (read on rank 0, sent to every rank)."""
+        path = self.ckpt_path
+        if not path or not D.broadcast_object(os.path.isfile(path)):
+            return
+        try:
+            ck = D.load_on_main(path)
+        except Exception as exc:
+            raise ValueError(f"could not resume: {path} is corrupt ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ck, dict) or "generator" not in ck or "optimizer" not in ck:
+            raise ValueError(f"could not resume: {path} is not a GEN-CNP training checkpoint")
+        if [tuple(u) for u in ck["generator"]["units"]] != [tuple(u) for u in self.gen.signature()]:
+            raise ValueError(f"could not resume: {path} is a checkpoint for another model")
+        self.gen.load_state_dict(ck["generator"]["state_dict"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.history = list(ck["history"])
+        self.best, self.best_epoch, self.best_state = ck["best"], int(ck["best_epoch"]), ck["best_state"]
+        self.partial = ck.get("partial")
+        if self.log:
+            self.log(f"resumed from {path} after epoch {self.start_epoch}")
+
+    def save_checkpoint(self, epoch: int, partial: Optional[dict] = None) -> None:
+        """``checkpoint.pt`` after ``epoch`` (``partial``: the position within the next epoch); rank 0 only."""
+        if not self.ckpt_path or not D.is_main():
+            return
+        ck = {"generator": self.gen.checkpoint_state(), "optimizer": self.opt.state_dict(), "epoch": epoch,
+              "config": dataclasses.asdict(self.cfg), "history": self.history, "best": self.best,
+              "best_epoch": self.best_epoch, "best_state": self.best_state}
+        if partial is not None:
+            ck["partial"] = partial
+        _atomic_save(ck, self.ckpt_path)
+
+    # one epoch --------------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, mode: str, forward) -> _EpochSums:
+        """The steps of ``epoch`` (from the resumed position, if any); stops early at ``stop_after_steps``."""
+        from tqdm.auto import tqdm
+
+        from ..target import progress_enabled
+
+        cfg, train = self.cfg, self.train
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        self.gen.train()
+        perm = torch.randperm(len(train), generator=g)
+        t0 = time.perf_counter()
+        acc = _EpochSums({k: 0.0 for k in TERMS})
+        skip = 0
+        if self.partial is not None and int(self.partial["epoch"]) == epoch:  # resume mid-epoch
+            p = self.partial
+            skip, acc.sums, acc.nb = int(p["next_batch"]), dict(p["sums"]), int(p["nb"])
+            t0 -= float(p["train_seconds"])
+            torch.set_rng_state(p["rng"])
+        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"GEN-CNP epoch {epoch + 1}/{cfg.epochs} ({mode})",
+                   disable=not progress_enabled(self.quiet) or not D.is_main(), leave=False)
+        for b, i in enumerate(bar):
+            idx = perm[i:i + cfg.batch_size]
+            if b < skip or len(idx) < 2:
+                continue
+            step = epoch * self.steps_per_epoch + b
+            sp_scale = min(1.0, (step + 1) / max(1.0, cfg.sp_warmup * self.total_steps))  # λ_sp's warm-up
+            rep = self.step(forward, idx, mode, sp_scale)
+            for k in TERMS:
+                acc.sums[k] += rep[k]
+            acc.nb += 1
+            bar.set_postfix(loss=f"{rep['loss']:.3f}", dens=f"{rep['density']:.3f}", kd=f"{rep['kd']:.3f}")
+            if self.checkpoint_every and (b + 1) % self.checkpoint_every == 0 and i + cfg.batch_size < len(train):
+                self.save_checkpoint(epoch - 1, {"epoch": epoch, "next_batch": b + 1, "sums": dict(acc.sums),
+                                                 "nb": acc.nb, "train_seconds": time.perf_counter() - t0,
+                                                 "rng": torch.get_rng_state()})
+            if self.stop_after_steps is not None and step + 1 >= self.stop_after_steps:
+                acc.stopped_at_step = step + 1
+                break
+        acc.seconds = time.perf_counter() - t0
+        return acc
+
+    def step(self, forward, idx: torch.Tensor, mode: str, sp_scale: float) -> Dict[str, float]:
+        """One optimiser step on the global batch ``train.x[idx]``; returns its reported terms."""
+        x, sizes = D.local_batch(self.train.x, idx)
+        terms = gencnp_loss(forward, self.gen, x, self.cfg, mode, sp_scale, shard=sizes)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.opt.step()
+        return terms["report"]
+
+    def end_epoch(self, epoch: int, mode: str, acc: _EpochSums) -> None:
+        """Validate, record the epoch, keep (and write) the best weights, log, write ``checkpoint.pt``."""
+        gen, cfg = self.gen, self.cfg
+        val_m = (D.validate_sharded if D.is_active() else validate)(gen, self.val, backend=cfg.backend)
+        rec = {"epoch": epoch, "mode": mode, **{f"train_{k}": v / max(acc.nb, 1) for k, v in acc.sums.items()},
+               **{f"val_{k}": v for k, v in val_m.items()}, "temperature": float(gen.daq.temperature.detach()),
+               "train_seconds": acc.seconds}
+        self.history.append(rec)
+        if _is_better(val_m, self.best, cfg.fidelity_floor):
+            self.best, self.best_epoch = val_m, epoch
+            self.best_state = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+            if self.best_path and D.is_main():
+                gen.save(self.best_path)
+        if self.log:
+            self.log(f"epoch {epoch + 1}/{cfg.epochs} [{mode}] loss {rec['train_loss']:.4f} kd {rec['train_kd']:.4f} "
+                     f"density {rec['train_density']:.3f} | val fidelity {val_m['fidelity']:.4f} "
+                     f"density {val_m['density_mean']:.3f}±{val_m['density_std']:.3f} mDC {val_m['mDC']:.2f} "
+                     f"({acc.seconds:.0f}s){' *' if self.best_epoch == epoch else ''}")
+        self.save_checkpoint(epoch)
+
+    def result(self, **extra) -> Dict[str, object]:
+        return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch, **extra}
+
+
 def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str] = None,
                  resume: bool = False, quiet: bool = False, log=None,
                  stop_after: Optional[int] = None, checkpoint_every: Optional[int] = None,
@@ -154,116 +318,24 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         ``{"history": [per-epoch dicts], "best": best epoch's validation metrics, "best_epoch": int}``; ``gen``
         holds the best weights when this returns.
     """
-    from tqdm.auto import tqdm
-
-    from ..target import progress_enabled
-
     for d in (train, val):
         gen.check_input(d.x[:1])
         check_labels(d.y, gen.num_classes, d.name)
-    opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = max(cfg.epochs * steps_per_epoch, 1)
-    history: List[Dict[str, float]] = []
-    best, best_epoch, best_state = None, -1, None
-    start_epoch = 0
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    best_path = os.path.join(out_dir, "generator.pt") if out_dir else None
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    dd = D.is_active()
-    partial = None
-    if resume and ckpt_path and (D.broadcast_object(os.path.isfile(ckpt_path)) if dd else os.path.isfile(ckpt_path)):
-        try:
-            ck = D.load_on_main(ckpt_path) if dd else torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"could not resume: {ckpt_path} is corrupt ({type(exc).__name__}: {exc})") from None
-        if not isinstance(ck, dict) or "generator" not in ck or "optimizer" not in ck:
-            raise ValueError(f"could not resume: {ckpt_path} is not a GEN-CNP training checkpoint")
-        if [tuple(u) for u in ck["generator"]["units"]] != [tuple(u) for u in gen.signature()]:
-            raise ValueError(f"could not resume: {ckpt_path} is a checkpoint for another model")
-        gen.load_state_dict(ck["generator"]["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch = int(ck["epoch"]) + 1
-        history = list(ck["history"])
-        best, best_epoch, best_state = ck["best"], int(ck["best_epoch"]), ck["best_state"]
-        partial = ck.get("partial")
-        if log:
-            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
-
-    model = D.wrap_generator(gen) if dd else None
+    run = _Trainer(gen, train, val, cfg, out_dir, quiet, log, checkpoint_every, stop_after_steps)
+    if resume:
+        run.resume()
+    forward = D.wrap_generator(gen)
     soft_epochs = int(round(cfg.soft_fraction * cfg.epochs))
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    for epoch in range(run.start_epoch, end_epoch):
         mode = "soft" if epoch < soft_epochs else "ste"
-        gen.train()
-        perm = torch.randperm(len(train), generator=g)
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "kd": 0.0, "density": 0.0, "cls": 0.0}
-        nb = 0
-        skip = 0
-        if partial is not None and int(partial["epoch"]) == epoch:  # resume mid-epoch
-            skip, sums, nb = int(partial["next_batch"]), dict(partial["sums"]), int(partial["nb"])
-            t0 -= float(partial["train_seconds"])
-            torch.set_rng_state(partial["rng"])
-        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"GEN-CNP epoch {epoch + 1}/{cfg.epochs} ({mode})",
-                   disable=not progress_enabled(quiet) or not D.is_main(), leave=False)
-        for b, i in enumerate(bar):
-            if b < skip:
-                continue
-            idx = perm[i:i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            step = epoch * steps_per_epoch + b
-            sp_scale = min(1.0, (step + 1) / max(1.0, cfg.sp_warmup * total_steps))
-            if dd:
-                terms = D.sharded_gencnp_loss(model, gen, train.x, idx, cfg, mode, sp_scale)
-            else:
-                terms = gencnp_loss(gen, train.x[idx], cfg, mode, sp_scale)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            terms = terms.get("report", terms)
-            for k in sums:
-                sums[k] += float(terms[k].detach())
-            nb += 1
-            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", dens=f"{float(terms['density']):.3f}",
-                            kd=f"{float(terms['kd']):.3f}")
-            if (checkpoint_every and (b + 1) % checkpoint_every == 0 and i + cfg.batch_size < len(train)
-                    and ckpt_path and D.is_main()):
-                _atomic_save({"generator": gen.checkpoint_state(), "optimizer": opt.state_dict(), "epoch": epoch - 1,
-                              "config": dataclasses.asdict(cfg), "history": history, "best": best,
-                              "best_epoch": best_epoch, "best_state": best_state,
-                              "partial": {"epoch": epoch, "next_batch": b + 1, "sums": dict(sums), "nb": nb,
-                                          "train_seconds": time.perf_counter() - t0,
-                                          "rng": torch.get_rng_state()}}, ckpt_path)
-            if stop_after_steps is not None and step + 1 >= stop_after_steps:
-                D.barrier()
-                return {"history": history, "best": best, "best_epoch": best_epoch, "stopped_at_step": step + 1}
-        train_s = time.perf_counter() - t0
-        val_m = D.validate_sharded(gen, val, backend=cfg.backend) if dd else validate(gen, val, backend=cfg.backend)
-        rec = {"epoch": epoch, "mode": mode, **{f"train_{k}": v / max(nb, 1) for k, v in sums.items()},
-               **{f"val_{k}": v for k, v in val_m.items()}, "temperature": float(gen.daq.temperature.detach()),
-               "train_seconds": train_s}
-        history.append(rec)
-        if _is_better(val_m, best, cfg.fidelity_floor):
-            best, best_epoch = val_m, epoch
-            best_state = {k: v.detach().clone() for k, v in gen.state_dict().items()}
-            if best_path and D.is_main():
-                gen.save(best_path)
-        if log:
-            log(f"epoch {epoch + 1}/{cfg.epochs} [{mode}] loss {rec['train_loss']:.4f} kd {rec['train_kd']:.4f} "
-                f"density {rec['train_density']:.3f} | val fidelity {val_m['fidelity']:.4f} "
-                f"density {val_m['density_mean']:.3f}±{val_m['density_std']:.3f} mDC {val_m['mDC']:.2f} "
-                f"({train_s:.0f}s){' *' if best_epoch == epoch else ''}")
-        if ckpt_path and D.is_main():
-            _atomic_save({"generator": gen.checkpoint_state(), "optimizer": opt.state_dict(), "epoch": epoch,
-                          "config": dataclasses.asdict(cfg), "history": history, "best": best,
-                          "best_epoch": best_epoch, "best_state": best_state}, ckpt_path)
-    if best_state is not None:
-        gen.load_state_dict(best_state)
+        acc = run.train_epoch(epoch, mode, forward)
+        if acc.stopped_at_step is not None:
+            D.barrier()
+            return run.result(stopped_at_step=acc.stopped_at_step)
+        run.end_epoch(epoch, mode, acc)
+    if run.best_state is not None:
+        gen.load_state_dict(run.best_state)
     D.barrier()
     gen.eval()
-    return {"history": history, "best": best, "best_epoch": best_epoch}
+    return run.result()
