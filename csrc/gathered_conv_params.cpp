@@ -66,10 +66,25 @@ at::Tensor host_problems(const at::Tensor& sample_group, int64_t& ngroups, int64
   return out;
 }
 
-// A given problem list: [B + 2G] with B = 0 <=> G = 0 and 1 <= max_group <= B; on the host also its values: the
-// groups tile the sorted samples, every sample appears once, and samples of a group share one sample_group value
-// that no other group has.
-void check_problems(GatheredConvParams& p, const at::Tensor& problems, int64_t max_group) {
+// The index values on a GPU: device-side asserts, no synchronisation (a bad value is reported at the next one).
+void assert_indices_async(const GatheredConvParams& p) {
+  auto in_range = [](const at::Tensor& t, int64_t lo, int64_t hi) { return t.ge(lo).logical_and(t.lt(hi)).all(); };
+  at::_assert_async(in_range(p.in_idx, -1, p.Cin), "gathered_conv2d: an in_idx value is out of range [-1, C_in)");
+  at::_assert_async(in_range(p.out_idx, -1, p.Cout), "gathered_conv2d: an out_idx value is out of range [-1, C_out)");
+  if (p.ngroups <= 0) return;
+  const at::Tensor starts = p.problems.slice(0, p.B, p.B + p.ngroups);
+  const at::Tensor sizes = p.problems.slice(0, p.B + p.ngroups, p.B + 2 * p.ngroups);
+  at::_assert_async(in_range(p.problems.slice(0, 0, p.B), 0, p.B), "gathered_conv2d: problems: a sample is out of range");
+  const at::Tensor ends = at::cumsum(sizes, 0);
+  at::_assert_async(sizes.ge(1).logical_and(starts.eq(ends - sizes)).all().logical_and(ends[-1].eq(p.B))
+                        .logical_and(sizes.max().eq(p.max_group)),
+                    "gathered_conv2d: problems: the groups do not tile the batch, or max_group is not the largest");
+}
+
+// A given problem list: [B + 2G] with B = 0 <=> G = 0 and 1 <= max_group <= B; on the host (check_values) also its
+// values: the groups tile the sorted samples, every sample appears once, and samples of a group share one
+// sample_group value that no other group has.
+void check_problems(GatheredConvParams& p, const at::Tensor& problems, int64_t max_group, bool check_values) {
   check_tensor(problems, "problems", p.x.device(), 1);
   check_int32(problems, "problems");
   const int64_t n = problems.size(0), B = p.B;
@@ -82,7 +97,7 @@ void check_problems(GatheredConvParams& p, const at::Tensor& problems, int64_t m
   p.problems = problems.contiguous();
   p.ngroups = G;
   p.max_group = G == 0 ? -1 : max_group;
-  if (!p.x.device().is_cpu()) return;
+  if (!check_values || !p.x.device().is_cpu()) return;
   const int32_t* q = p.problems.data_ptr<int32_t>();
   const int32_t* gid = p.sample_group.data_ptr<int32_t>();
   std::vector<char> seen(static_cast<size_t>(B), 0);
@@ -115,7 +130,8 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
                                         const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
-                                        c10::ArrayRef<at::ScalarType> dtypes, c10::DeviceType device_type) {
+                                        bool check_indices, c10::ArrayRef<at::ScalarType> dtypes,
+                                        c10::DeviceType device_type) {
   TORCH_CHECK(x.defined() && x.device().type() == device_type, kOp, "x must be a ", device_type, " tensor here");
   const at::Device dev = x.device();
   const auto dtype = x.scalar_type();
@@ -171,14 +187,16 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
   p.out_idx = out_idx.contiguous();
   p.sample_group = sample_group.contiguous();
   if (problems.has_value() && problems->defined()) {
-    check_problems(p, *problems, max_group);
+    check_problems(p, *problems, max_group, check_indices);
   } else {
     TORCH_CHECK(max_group == -1, kOp, "max_group is given without problems");
     if (dev.is_cpu()) p.problems = host_problems(p.sample_group, p.ngroups, p.max_group);
   }
-  if (dev.is_cpu()) {
+  if (check_indices && dev.is_cpu()) {
     check_index_range(p.in_idx, p.Cin, "in_idx");
     check_index_range(p.out_idx, p.Cout, "out_idx");
+  } else if (check_indices && p.B > 0) {
+    assert_indices_async(p);
   }
   return p;
 }

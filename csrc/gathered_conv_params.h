@@ -32,14 +32,16 @@ struct GatheredConvParams {
 };
 
 // Checks and fills the params. `dtypes`: the floating dtypes the backend computes in (x, weight, bias and residual
-// share one); `device_type`: the backend's device. Values are checked where they already are on the host (CPU
-// tensors): index ranges, and that a given problem list is a grouping of the batch consistent with sample_group.
-// On the CPU a missing problem list is computed here, so the CPU kernel always reads one.
+// share one); `device_type`: the backend's device. With check_indices, the index values too: index ranges, and
+// that a given problem list is a grouping of the batch consistent with sample_group; on the host for CPU tensors,
+// with device-side asserts (no synchronisation; raised at the next one) for GPU tensors. On the CPU a missing
+// problem list is computed here, so the CPU kernel always reads one.
 GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
                                         const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
-                                        c10::ArrayRef<at::ScalarType> dtypes, c10::DeviceType device_type);
+                                        bool check_indices, c10::ArrayRef<at::ScalarType> dtypes,
+                                        c10::DeviceType device_type);
 
 }  // namespace gencnp_fast

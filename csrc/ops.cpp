@@ -19,8 +19,11 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // problems, max_group (optional): the grouped-problem list of sample_group, planned beforehand: int32 [B + 2G] on
   // x's device (samples sorted by group, group starts, group sizes) and the largest group. With them the CUDA
   // kernel sizes its launch without a device-to-host synchronisation; without them each backend derives them.
+  // check_indices: check the index values (in_idx, out_idx, problems) before any is used: on the host for CPU
+  // tensors, with device-side asserts (raised at the next synchronisation) for GPU tensors. The engine passes
+  // false: its indices come from the run index planner, which builds them valid.
   m.def(
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
       "Tensor sample_group, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool relu, Tensor? problems=None, int max_group=-1) -> Tensor");
+      "bool relu, Tensor? problems=None, int max_group=-1, bool check_indices=True) -> Tensor");
 }

@@ -105,7 +105,8 @@ def op_args(p):
     """The op's positional arguments in schema order."""
     return (p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"], p["sample_group"], p["residual"],
             list(pair(p["stride"], "stride")), list(pair(p["padding"], "padding")),
-            list(pair(p["dilation"], "dilation")), bool(p["relu"]), p.get("problems"), int(p.get("max_group", -1)))
+            list(pair(p["dilation"], "dilation")), bool(p["relu"]), p.get("problems"), int(p.get("max_group", -1)),
+            bool(p.get("check_indices", True)))
 
 
 def run(backend, p, dtype=None):
@@ -361,11 +362,12 @@ BAD_INPUTS = {
                        r"problems must be \[B \+ 2G\]", None),
     "max_group_range": (lambda p, b: p.update(**with_problems(p)) or p.update(max_group=3), r"max_group must be",
                         None),
-    # index values are checked where they are on the host: the CPU kernel
-    "in_idx_range": (lambda p, b: p["in_idx"].__setitem__((0, 0), 6), r"in_idx\[0, 0\] = 6 is out of range",
-                     ("cpu",)),
+    # index values (check_indices, the default): on the host for CPU tensors (a GPU raises a device-side assert at
+    # the next synchronisation, which would end this process's CUDA context: not tested here)
+    "in_idx_range": (lambda p, b: p["in_idx"].__setitem__((0, 0), 6),
+                     r"in_idx(\[0, 0\] = 6 is| value is) out of range", ("cpu", "torch", "triton")),
     "out_idx_range": (lambda p, b: p["out_idx"].__setitem__((1, 0), -2),
-                      r"out_idx\[1, 0\] = -2 is out of range", ("cpu",)),
+                      r"out_idx(\[1, 0\] = -2 is| value is) out of range", ("cpu", "torch", "triton")),
     "group_rows_differ": (lambda p, b: p.update(sample_group=p["sample_group"].new_zeros(2)),
                           r"different in_idx/out_idx rows", ("cpu",)),
 }
@@ -407,6 +409,26 @@ def test_bad_problem_list_refused_on_cpu(case):
     run("cpu", good)
     with pytest.raises(RuntimeError, match=match):
         run("cpu", dict(p, problems=torch.tensor(values, dtype=torch.int32), max_group=max_group))
+
+
+@pytest.mark.parametrize("case", ["zero_size", "out_of_range", "not_covering", "max_group_wrong"])
+def test_bad_problem_list_refused_by_the_python_backends(backend, case):
+    """The torch and Triton backends check a problem list's values too (check_index_values: on CPU tensors here;
+    on a GPU with device-side asserts)."""
+    if backend not in ("torch", "triton") or backend_device(backend) != "cpu":
+        pytest.skip("checked on the host by the Python backends on CPU tensors")
+    values, max_group, _ = BAD_PROBLEM_LISTS[case]
+    p = problem(4, 6, 6, 4, 4, 5, 5, 3, "class", seed=13)
+    with pytest.raises(ValueError, match=r"problems: |max_group"):
+        run(backend, dict(p, problems=torch.tensor(values, dtype=torch.int32), max_group=max_group))
+
+
+def test_unchecked_indices_give_the_same_result(backend):
+    """check_indices=False (what the engine passes: its indices come from the planner) computes the same."""
+    p = problem(5, 8, 9, 6, 7, 6, 6, 3, "class", seed=14)
+    q = with_problems(p)
+    checked = run(backend, q)
+    assert torch.equal(run(backend, dict(q, check_indices=False)).cpu(), checked.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -553,10 +553,11 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
                                const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
                                const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                               const c10::optional<at::Tensor>& problems, int64_t max_group) {
+                               const c10::optional<at::Tensor>& problems, int64_t max_group,
+                               bool check_indices) {
   static const at::ScalarType kDtypes[] = {at::kFloat};
   const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                                    padding, dilation, relu, problems, max_group, kDtypes,
+                                                    padding, dilation, relu, problems, max_group, check_indices, kDtypes,
                                                     c10::DeviceType::CPU);
   auto out = at::empty({p.B, p.Kout, p.Ho, p.Wo}, p.x.options().memory_format(at::MemoryFormat::Contiguous));
   if (p.empty_output()) return out;

@@ -283,11 +283,12 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x, const at::Tensor& in_idx, c
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
                                 const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group) {
+                                bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
+                                bool check_indices) {
   static const at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
   const c10::cuda::CUDAGuard guard(x.device());
   const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                                    padding, dilation, relu, problems, max_group, kDtypes,
+                                                    padding, dilation, relu, problems, max_group, check_indices, kDtypes,
                                                     c10::DeviceType::CUDA);
   // 32-bit index arithmetic inside one sample; per-sample offsets are 64-bit.
   TORCH_CHECK(p.Kin * p.H * p.W < INT32_MAX && p.Cin * p.kh * p.kw < INT32_MAX && p.Kout * p.Ho * p.Wo < INT32_MAX,

@@ -14,7 +14,7 @@ int main() {
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                   const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                                  at::IntArrayRef, bool, const c10::optional<at::Tensor>&, int64_t)>();
+                                  at::IntArrayRef, bool, const c10::optional<at::Tensor>&, int64_t, bool)>();
 
   // sample 0 and 1 share a mask (group 0), sample 2 has its own (group 1); -1 pads the rows.
   const std::vector<std::vector<int32_t>> in_rows = {{0, 2, 5, -1}, {0, 2, 5, -1}, {1, 3, 4, 5}};
@@ -25,14 +25,14 @@ int main() {
     for (int64_t j = 0; j < Kin; ++j) in_idx[b][j] = in_rows[b][j];
     for (int64_t j = 0; j < Kout; ++j) out_idx[b][j] = out_rows[b][j];
   }
-  auto groups = at::tensor({0, 0, 1}, at::kInt);
+  auto sample_group = at::tensor({0, 0, 1}, at::kInt);
   auto x = at::randn({B, Kin, H, W}) * (in_idx >= 0).to(at::kFloat).view({B, Kin, 1, 1});
   auto weight = at::randn({Cout, Cin, 3, 3});
   auto bias = at::randn({Cout});
   auto residual = at::randn({B, Kout, H, W});
 
-  auto out = op.call(x, in_idx, weight, bias, out_idx, groups, residual, {1, 1}, {1, 1}, {1, 1}, true,
-                     c10::nullopt, -1);
+  auto out = op.call(x, in_idx, weight, bias, out_idx, sample_group, residual, {1, 1}, {1, 1}, {1, 1}, true,
+                     c10::nullopt, -1, true);
 
   double max_err = 0.0;
   for (int64_t b = 0; b < B; ++b) {

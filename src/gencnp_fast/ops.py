@@ -7,7 +7,7 @@ FakeTensor tracing. The contract of the op is stated in :mod:`gencnp_fast.kernel
 Op
 --
 ``torch.ops.gencnp_fast.gathered_conv2d(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
-dilation, relu, problems=None, max_group=-1) -> Tensor``: a 2-D convolution (groups=1) that only reads the active
+dilation, relu, problems=None, max_group=-1, check_indices=True) -> Tensor``: a 2-D convolution (groups=1) that only reads the active
 input channels and only computes the active output channels of every sample. CPU: float32; CUDA: float32, float16,
 bfloat16 (float32 accumulation). Weights in the plain ``[C_out, C_in, kh, kw]`` layout: the CPU kernel gathers
 weight tiles into packed panels itself and reuses each over every sample of a group and every output pixel.
@@ -44,7 +44,7 @@ def _dtypes(device: torch.device):
 
 @torch.library.register_fake("gencnp_fast::gathered_conv2d")
 def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
-                          problems=None, max_group=-1):
+                          problems=None, max_group=-1, check_indices=True):
     shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
                                 problems, max_group, _dtypes(x.device))
     return x.new_empty(shape)
@@ -64,9 +64,11 @@ def gathered_conv2d(
     relu: bool = False,
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """``torch.ops.gencnp_fast.gathered_conv2d`` with int-or-pair ``stride`` / ``padding`` / ``dilation`` (the
     contract: :mod:`gencnp_fast.kernels.contract`)."""
     return torch.ops.gencnp_fast.gathered_conv2d(
         x, in_idx, weight, bias, out_idx, sample_group, residual, list(pair(stride, "stride")),
-        list(pair(padding, "padding")), list(pair(dilation, "dilation")), bool(relu), problems, int(max_group))
+        list(pair(padding, "padding")), list(pair(dilation, "dilation")), bool(relu), problems, int(max_group),
+        bool(check_indices))

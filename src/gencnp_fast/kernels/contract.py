@@ -20,6 +20,9 @@ problems=None, max_group=-1)`` (docs/design.md §3)::
 - ``problems`` int32 ``[B + 2G]`` and ``max_group``: the grouped-problem list of ``sample_group`` (samples sorted by
   group, start of each group, size of each group) and the largest group, planned beforehand; without them each
   backend derives them (the CUDA kernel and the Triton launcher then synchronise with the device).
+- ``check_indices``: check the index values before any is used (:func:`check_index_values`): on the host for CPU
+  tensors, with device-side asserts (raised at the next synchronisation) on a GPU. The engine passes ``False``: its
+  indices come from the run index planner, which builds them valid.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IntPair", "pair", "conv_output_size", "check_gathered_conv", "problem_list",
+__all__ = ["IntPair", "pair", "conv_output_size", "check_gathered_conv", "check_index_values", "problem_list",
            "gathered_conv2d_reference"]
 
 IntPair = Union[int, Sequence[int]]
@@ -103,6 +106,30 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
     return B, KOUT, HO, WO
 
 
+def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c_out: int,
+                       problems: Optional[torch.Tensor], max_group: int) -> None:
+    """The index values of a call: ``in_idx`` in ``[-1, c_in)``, ``out_idx`` in ``[-1, c_out)``, a problem list
+    whose groups tile the batch with ``max_group`` the largest. CPU tensors: a ``ValueError`` naming the first bad
+    value; GPU tensors: ``torch._assert_async`` (no synchronisation; a bad value is reported at the next one)."""
+    B = in_idx.shape[0]
+    checks = [(((in_idx >= -1) & (in_idx < c_in)).all(), f"an in_idx value is out of range [-1, {c_in})"),
+              (((out_idx >= -1) & (out_idx < c_out)).all(), f"an out_idx value is out of range [-1, {c_out})")]
+    G = 0 if problems is None else (problems.shape[0] - B) // 2
+    if G > 0:
+        samples, starts, sizes = problems[:B], problems[B:B + G], problems[B + G:]
+        ends = torch.cumsum(sizes, 0)
+        checks.append((((samples >= 0) & (samples < B)).all(), "problems: a sample is out of range"))
+        checks.append(((sizes >= 1).all() & (starts == ends - sizes).all() & (ends[-1] == B)
+                       & (sizes.max() == max_group), "problems: the groups do not tile the batch, or max_group is "
+                       "not the largest"))
+    for ok, what in checks:
+        if in_idx.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError("gathered_conv2d: " + what)
+        else:
+            torch._assert_async(ok, "gathered_conv2d: " + what)
+
+
 def problem_list(sample_group: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """``(problems, max_group)`` of ``sample_group``: int32 ``[B + 2G]`` (samples stably sorted by group id, start
     of each group, size of each group) on its device, and the largest group (one synchronisation on a GPU)."""
@@ -127,11 +154,14 @@ def gathered_conv2d_reference(
     relu: bool = False,
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Plain-torch implementation of the contract: per group, the group's weights gathered with ``index_select`` and
     ``F.conv2d`` on the group's samples. The tests' oracle and the ``"torch"`` backend (slow; any device)."""
     B, _, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
                                        dilation, problems, max_group, dtypes=(x.dtype,))
+    if check_indices:
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group)
     out = x.new_zeros((B, out_idx.shape[1], HO, WO))
     if B == 0 or out_idx.shape[1] == 0:
         return out

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import check_gathered_conv, pair, problem_list
+from .contract import check_gathered_conv, check_index_values, pair, problem_list
 
 __all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
@@ -241,6 +241,7 @@ def gathered_conv2d_triton(
     relu: bool,
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """The gathered conv (the contract of ``gencnp_fast::gathered_conv2d``, :mod:`gencnp_fast.kernels.contract`)
     with the Triton kernel, registered as the op ``torch.ops.gencnp_fast.gathered_conv2d_triton``.
@@ -259,6 +260,8 @@ def gathered_conv2d_triton(
         return out
     if problems is None:
         problems, max_group = problem_list(sample_group)
+    if check_indices:
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group)
     ngroups = (problems.shape[0] - B) // 2
     _launch(x.contiguous(), in_idx.contiguous(), weight.contiguous(), bias, out_idx.contiguous(), residual,
             out, problems.contiguous(), ngroups, max_group, pair(stride, "stride"), pair(padding, "padding"),
@@ -268,7 +271,7 @@ def gathered_conv2d_triton(
 
 @gathered_conv2d_triton.register_fake
 def _gathered_conv2d_triton_fake(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
-                                 dilation, relu, problems=None, max_group=-1):
+                                 dilation, relu, problems=None, max_group=-1, check_indices=True):
     shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
                                 problems, max_group, _DTYPES)
     return x.new_empty(shape)

@@ -19,7 +19,8 @@ from .steps import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep
 __all__ = ["run_plan", "ConvFn", "small_map_weights"]
 
 # A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
-# problems, max_group) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d)
+# problems, max_group, check_indices) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d; the
+# interpreter passes check_indices=False: the run index planner builds valid indices)
 ConvFn = Callable[..., torch.Tensor]
 
 
@@ -79,11 +80,11 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
         res2 = None if residual is None else residual.reshape(b, -1, 1, 1).contiguous()
         y = conv(x.reshape(b, -1, 1, 1).contiguous(), ix.sets[FlatFeatures(st.in_set, pi)].idx, w2, b2,
                  ix.sets[FlatFeatures(st.out_set, ho * wo)].idx, groups.sample_group, res2, [1, 1], [0, 0], [1, 1],
-                 st.relu, groups.problems, groups.max_group)
+                 st.relu, groups.problems, groups.max_group, False)
         return y.reshape(b, -1, ho, wo)
     y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
              None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
-             list(st.dilation), st.relu, groups.problems, groups.max_group)
+             list(st.dilation), st.relu, groups.problems, groups.max_group, False)
     return y.reshape(b, -1) if st.linear else y
 
 
