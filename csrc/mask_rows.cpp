@@ -97,7 +97,7 @@ int64_t group_rows(const uint8_t* m, int64_t rows, int64_t C, std::vector<int64_
 }
 
 int64_t remap_row(const int32_t* s, int64_t Ks, const int32_t* d, int64_t Kd, int64_t C, int32_t* col,
-                  int64_t* take, uint8_t* keep, int64_t* cols) {
+                  int64_t* take, uint8_t* keep) {
   if (s)
     for (int64_t j = 0; j < Ks && s[j] >= 0; ++j)
       if (s[j] < C) col[s[j]] = static_cast<int32_t>(j);
@@ -108,10 +108,7 @@ int64_t remap_row(const int32_t* s, int64_t Ks, const int32_t* d, int64_t Kd, in
     if (c >= 0 && c < C) q = s ? col[c] : c;
     take[j] = q >= 0 ? q : 0;
     if (keep) keep[j] = q >= 0;
-    if (q < 0) {
-      if (cols) cols[zeros] = j;
-      ++zeros;
-    }
+    zeros += q < 0;
   }
   if (s)
     for (int64_t j = 0; j < Ks && s[j] >= 0; ++j)

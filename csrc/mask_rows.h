@@ -18,9 +18,8 @@ int64_t compact_row(const uint8_t* row, int64_t C, int32_t* out);
 
 // One row of re-compaction indices: for each dst column j (channel d[j]; d null: dst keeps every channel, so j),
 // the column of the src row holding it (s null: src keeps every channel) into take[j] with keep[j] = 1, else 0 and
-// 0; the columns not found go to cols when it is not null. col: C entries of -1 (left so). keep may be null.
-// Returns the number not found.
+// 0. col: C entries of -1 (left so). keep may be null. Returns the number not found.
 int64_t remap_row(const int32_t* s, int64_t Ks, const int32_t* d, int64_t Kd, int64_t C, int32_t* col,
-                  int64_t* take, uint8_t* keep, int64_t* cols);
+                  int64_t* take, uint8_t* keep);
 
 }  // namespace gencnp_fast

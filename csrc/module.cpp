@@ -57,9 +57,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("kind", &RemapPlan::kind)
       .def_readonly("width", &RemapPlan::width)
       .def_readonly("take_offset", &RemapPlan::take_offset)
-      .def_readonly("take_rows", &RemapPlan::take_rows)
-      .def_readonly("cols_offset", &RemapPlan::cols_offset)
-      .def_readonly("ncols", &RemapPlan::ncols)
+      .def_readonly("rows", &RemapPlan::rows)
       .def_readonly("keep_offset", &RemapPlan::keep_offset);
   py::class_<RunIndices>(m, "RunIndices", "The planner's answer: three flat buffers and, per request, its record.")
       .def_readonly("i32", &RunIndices::i32)

@@ -26,4 +26,9 @@ TORCH_LIBRARY(gencnp_fast, m) {
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
       "Tensor sample_group, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
       "bool relu, Tensor? problems=None, int max_group=-1, bool check_indices=True) -> Tensor");
+  // Re-compaction of a compacted activation to another channel set (docs/design.md §3):
+  //   out[b, j] = keep[r, j] ? x[b, take[r, j]] : 0,   r = 0 when take has one row, else b
+  // x: [B, K, ...]; take: int64 [R, W] with R = 1 (one set for the batch) or B; keep: uint8 [R, W] or None (every
+  // entry kept). Whole planes are copied (CPU: one memcpy per output channel).
+  m.def("gather_channels(Tensor x, Tensor take, Tensor? keep) -> Tensor");
 }

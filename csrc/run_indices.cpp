@@ -217,7 +217,7 @@ void write_sets(std::vector<HostSet>& sets, int32_t* w32, int64_t batch) {
   }
 }
 
-// Kind and sizes of each remap; the offsets of its take/cols (int64) and keep (uint8) in their buffers.
+// Kind and sizes of each remap; the offsets of its take (int64) and keep (uint8) in their buffers.
 std::vector<RemapPlan> layout_remaps(const RunProgram& program, const std::vector<HostSet>& sets, int64_t batch,
                                      int64_t& n64, int64_t& n8) {
   std::vector<RemapPlan> remaps(program.remaps.size());
@@ -234,16 +234,11 @@ std::vector<RemapPlan> layout_remaps(const RunProgram& program, const std::vecto
     } else {
       const bool single = (src.full || src.ngroups == 1) && (dst.full || dst.ngroups == 1);
       r.kind = single ? RemapKind::kRow : RemapKind::kRows;
-      r.take_rows = single ? 1 : batch;
+      r.rows = single ? 1 : batch;
       r.take_offset = n64;
-      n64 += r.take_rows * dst.k;
-      if (single) {
-        r.cols_offset = n64;
-        n64 += dst.k;  // room for every column; ncols says how many are used
-      } else {
-        r.keep_offset = n8;
-        n8 += batch * dst.k;
-      }
+      n64 += r.rows * dst.k;
+      r.keep_offset = n8;  // dropped below if every entry is present
+      n8 += r.rows * dst.k;
     }
   }
   return remaps;
@@ -256,16 +251,14 @@ void write_remaps(const RunProgram& program, const std::vector<HostSet>& sets, s
     RemapPlan& r = remaps[i];
     if (r.kind != RemapKind::kRow && r.kind != RemapKind::kRows) continue;
     const HostSet &src = sets[program.remaps[i].first], &dst = sets[program.remaps[i].second];
-    const bool rows = r.kind == RemapKind::kRows;
     col.assign(static_cast<size_t>(src.channels), -1);
     int64_t zeros = 0;
-    for (int64_t b = 0; b < r.take_rows; ++b) {
+    for (int64_t b = 0; b < r.rows; ++b) {
       zeros += remap_row(src.full ? nullptr : row_of(src, b), src.k, dst.full ? nullptr : row_of(dst, b), dst.k,
                          src.channels, col.data(), w64 + r.take_offset + b * dst.k,
-                         rows ? w8 + r.keep_offset + b * dst.k : nullptr, rows ? nullptr : w64 + r.cols_offset);
+                         w8 + r.keep_offset + b * dst.k);
     }
-    if (!rows) r.ncols = zeros;
-    if (rows && zeros == 0) r.keep_offset = -1;  // nothing to zero: no multiply
+    if (zeros == 0) r.keep_offset = -1;  // nothing to zero
   }
 }
 

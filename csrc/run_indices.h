@@ -23,12 +23,12 @@ namespace gencnp_fast {
 
 enum class SetKind : int64_t { kUnit = 0, kAll = 1, kFlat = 2 };
 
-// How a remap is applied (gencnp_fast/plan/indices.py: apply_remap).
+// How a remap is applied (gencnp_fast/plan/indices.py: apply_remap, the op gencnp_fast::gather_channels).
 enum class RemapKind : int64_t {
   kSame = 0,   // nothing to do
   kZeros = 1,  // nothing to read or nothing to write: zeros of `width` channels
-  kRow = 2,    // one row for the batch: out = x.index_select(1, take), then columns `cols` zeroed
-  kRows = 3,   // per sample: out[b, j] = x[b, take[b, j]], times keep[b, j] where some entries are absent
+  kRow = 2,    // one row for the batch: out[b, j] = x[b, take[0, j]], zero where keep[0, j] == 0
+  kRows = 3,   // per sample: out[b, j] = x[b, take[b, j]], zero where keep[b, j] == 0
 };
 
 struct RunProgram {
@@ -69,16 +69,13 @@ struct GroupIndex {
   int64_t max_group = 1;
 };
 
-// One remap: take int64 [take_rows, width] at `take_offset` of RunIndices::i64 (kRow: 1 row, kRows: batch rows);
-// kRow: the columns to zero, int64 [ncols] at `cols_offset` of i64; kRows: keep uint8 [batch, width] at
-// `keep_offset` of RunIndices::u8, or -1 when every entry is present.
+// One remap: take int64 [rows, width] at `take_offset` of RunIndices::i64 (kRow: 1 row, kRows: batch rows) and
+// keep uint8 [rows, width] at `keep_offset` of RunIndices::u8, or -1 when every entry is present.
 struct RemapPlan {
   RemapKind kind = RemapKind::kSame;
   int64_t width = 0;
   int64_t take_offset = 0;
-  int64_t take_rows = 0;
-  int64_t cols_offset = 0;
-  int64_t ncols = 0;
+  int64_t rows = 0;
   int64_t keep_offset = -1;
 };
 

@@ -92,9 +92,8 @@ def _remap(src: _Set, dst: _Set, same_ref: bool) -> RemapIndex:
             if c >= 0 and c in where:
                 take[b, j], keep[b, j] = where[c], 1
     if single:
-        cols = (keep[0] == 0).nonzero().flatten()
-        return RemapIndex(Kind.ROW, dst.k, take[0], cols if cols.numel() else None)
-    return RemapIndex(Kind.ROWS, dst.k, take, None, None if bool(keep.all()) else keep)
+        take, keep = take[:1], keep[:1]
+    return RemapIndex(Kind.ROW if single else Kind.ROWS, dst.k, take, None if bool(keep.all()) else keep)
 
 
 def oracle_plan_run(plan, masks: Dict[str, torch.Tensor], batch: int) -> RunIndices:

@@ -11,6 +11,10 @@ dilation, relu, problems=None, max_group=-1, check_indices=True) -> Tensor``: a 
 input channels and only computes the active output channels of every sample. CPU: float32; CUDA: float32, float16,
 bfloat16 (float32 accumulation). Weights in the plain ``[C_out, C_in, kh, kw]`` layout: the CPU kernel gathers
 weight tiles into packed panels itself and reuses each over every sample of a group and every output pixel.
+
+``torch.ops.gencnp_fast.gather_channels(x, take, keep) -> Tensor``: re-compaction of a compacted activation to
+another channel set, ``out[b, j] = keep[r, j] ? x[b, take[r, j]] : 0`` (``r = 0`` when ``take`` has one row, else
+``b``); whole planes copied.
 """
 from __future__ import annotations
 
@@ -48,6 +52,16 @@ def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, sample_group, residu
     shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
                                 problems, max_group, _dtypes(x.device))
     return x.new_empty(shape)
+
+
+@torch.library.register_fake("gencnp_fast::gather_channels")
+def _gather_channels_fake(x, take, keep=None):
+    torch._check(x.dim() >= 2, lambda: f"gather_channels: x must be [B, K, ...], got shape {tuple(x.shape)}")
+    torch._check(take.dtype == torch.int64 and take.dim() == 2, lambda: "gather_channels: take must be int64 [R, W]")
+    torch._check(take.shape[0] in (1, x.shape[0]), lambda: "gather_channels: take must have 1 or B rows")
+    torch._check(keep is None or (keep.dtype == torch.uint8 and keep.shape == take.shape),
+                 lambda: "gather_channels: keep must be uint8 shaped like take")
+    return x.new_empty((x.shape[0], take.shape[1]) + tuple(x.shape[2:]))
 
 
 def gathered_conv2d(

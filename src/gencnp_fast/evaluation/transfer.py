@@ -8,8 +8,8 @@
   * ``intersection``: M_k = AND_j m
 
 - **Transfer**: every test sample of class k is run with the class mask M_k instead of its own pathway (the engine
-  groups the samples that share a mask, so a class runs as one group). "Class" is the sample's label when labels are
-  given, else the full model's predicted class (``by="prediction"``).
+  groups the samples that share a mask, so a class runs as one group). "Class" is whatever class the caller gives
+  each sample (its label, or the full model's predicted class).
 - The comparison: *own* (each sample's own pathway), *transfer* (M_k), and *random* (a random class pathway per
   class with the same per-unit density as M_k, also shared by the class), all with the same metrics
   (fidelity, mDC, mIC, density_mean).

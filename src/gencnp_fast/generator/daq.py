@@ -10,8 +10,9 @@ available to us). The quantisation levels are ``q ∈ {0, 1}``.
 * **Adaptive temperature.** With a fixed β a score near 0.5 is rounded much more softly than one near 0 or 1, so the
   soft output drifts from the hard one. As in DAQ's temperature controller, β is set per value from its distances,
   ``β = T / |d_0 − d_1|`` (no gradient through β), so every score lands at the same logit gap ``T`` from the decision
-  boundary: the soft mask is ``q* ± (1 − sigmoid(T))`` whatever the score, and the gradient w.r.t. the score is
-  largest near the boundary. ``T`` (initial value ``T0 = 2``) is a learned parameter (kept ≥ ``t_min``).
+  boundary (up to the Gaussian kernel's small term ``g²/(2σ²)`` and the gap's floor of 0.1 near ``s = 0.5``: the
+  logit gap is ``T·g/max(g, 0.1) + g²/(2σ²)`` with ``g = |d_0 − d_1|``), so the soft mask is close to
+  ``q* ± (1 − sigmoid(T))`` whatever the score, and the gradient w.r.t. the score is largest near the boundary. ``T`` (initial value ``T0 = 2``) is a learned parameter (kept ≥ ``t_min``).
 * **Hard rounding** at inference: ``1[s ≥ 0.5]``. ``mode="ste"`` returns the hard mask in the forward pass with
   the soft mask's gradient (straight-through), so training sees exactly the masks inference will use.
 """

@@ -21,7 +21,7 @@ __all__ = ["RecursivePathwayDecoder"]
 class RecursivePathwayDecoder(nn.Module):
     """``forward(c, e)`` → list of scores ``[B, C_l]`` in unit order (shallow → deep)."""
 
-    def __init__(self, channels: Sequence[int], d: int, code_dim: int, init_bias: float = 3.0):
+    def __init__(self, channels: Sequence[int], d: int, code_dim: int, init_bias: float = 0.5):
         super().__init__()
         self.init = nn.Linear(code_dim, d)
         self.cell = nn.GRUCell(code_dim + d, d)

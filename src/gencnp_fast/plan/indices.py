@@ -57,12 +57,12 @@ class ConvGroups:
 @dataclasses.dataclass
 class RemapIndex:
     """How to re-compact a tensor stored for one set to another (``kind``: a ``_C.RemapKind``; see
-    :func:`apply_remap` and ``csrc/run_indices.h``)."""
+    :func:`apply_remap` and ``csrc/run_indices.h``): ``take`` int64 ``[R, width]`` and ``keep`` uint8 ``[R, width]``
+    (None: every entry present), ``R = 1`` for ``ROW`` (one set for the batch), the batch for ``ROWS``."""
 
     kind: object
     width: int = 0
     take: Optional[torch.Tensor] = None
-    cols: Optional[torch.Tensor] = None
     keep: Optional[torch.Tensor] = None
 
 
@@ -205,32 +205,19 @@ def _views(req: RunRequests, planned, i32: torch.Tensor, i64: torch.Tensor, u8: 
     for key, r in zip(req.remap_keys, planned.remaps):
         out = RemapIndex(r.kind, r.width)
         if r.kind in (kinds.ROW, kinds.ROWS):
-            take = i64.as_strided((r.take_rows, r.width), (r.width, 1), r.take_offset)
-            out.take = take[0] if r.kind == kinds.ROW else take
-            out.cols = i64.as_strided((r.ncols,), (1,), r.cols_offset) if r.ncols else None
-            out.keep = u8.as_strided((batch, r.width), (r.width, 1), r.keep_offset) if r.keep_offset >= 0 else None
+            out.take = i64.as_strided((r.rows, r.width), (r.width, 1), r.take_offset)
+            out.keep = u8.as_strided((r.rows, r.width), (r.width, 1), r.keep_offset) if r.keep_offset >= 0 else None
         remaps[key] = out
     return RunIndices(sets, groups, remaps)
 
 
 def apply_remap(x: torch.Tensor, r: RemapIndex) -> torch.Tensor:
     """``x`` re-compacted by ``r``; no host synchronisation. ``SAME``: ``x``; ``ZEROS``: zeros of ``r.width``
-    channels; ``ROW``: one gather for the batch (``x.index_select(1, take)``), then columns ``cols`` zeroed;
-    ``ROWS``: ``out[b, j] = x[b, take[b, j]]``, then zero where ``keep`` is 0."""
+    channels; ``ROW`` / ``ROWS``: ``out[b, j] = x[b, take[r, j]]``, zero where ``keep`` is 0 (``r`` = 0 for one
+    row, else ``b``): the op ``gencnp_fast::gather_channels`` (whole planes copied; on a GPU, ATen gathers)."""
     kinds = compiled().RemapKind
     if r.kind == kinds.SAME:
         return x
-    b = x.shape[0]
-    spatial = tuple(x.shape[2:])
     if r.kind == kinds.ZEROS:
-        return x.new_zeros((b, r.width) + spatial)
-    if r.kind == kinds.ROW:
-        out = x.index_select(1, r.take)
-        if r.cols is not None:
-            out.index_fill_(1, r.cols, 0)
-        return out
-    out = x[torch.arange(b, device=x.device).unsqueeze(1), r.take]
-    if r.keep is not None:  # absent channels are exact zeros (a multiply would keep a NaN gathered there)
-        out.masked_fill_(r.keep.reshape(tuple(r.keep.shape) + (1,) * len(spatial)) == 0, 0)
-    return out
-
+        return x.new_zeros((x.shape[0], r.width) + tuple(x.shape[2:]))
+    return torch.ops.gencnp_fast.gather_channels(x, r.take, r.keep)
