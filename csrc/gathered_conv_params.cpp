@@ -31,13 +31,20 @@ void check_int32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt, kOp, name, " must be int32, got ", t.scalar_type());
 }
 
-// Every entry of an int32 index tensor in [-1, limit).
-void check_index_range(const at::Tensor& idx, int64_t limit, const char* name) {
+// Every row of an int32 index tensor: entries in [-1, limit), the valid ones strictly increasing and first, then
+// -1 padding (the GPU kernels read positions j < count as valid).
+void check_index_rows(const at::Tensor& idx, int64_t limit, const char* name) {
   const int32_t* p = idx.data_ptr<int32_t>();
-  const int64_t n = idx.numel(), cols = std::max<int64_t>(idx.size(1), 1);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[i] >= -1 && p[i] < limit, kOp, name, "[", i / cols, ", ", i % cols, "] = ", p[i],
-                " is out of range [-1, ", limit, ")");
+  const int64_t rows = idx.size(0), cols = idx.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row = p + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      TORCH_CHECK(row[j] >= -1 && row[j] < limit, kOp, name, "[", r, ", ", j, "] = ", row[j],
+                  " is out of range [-1, ", limit, ")");
+      TORCH_CHECK(j == 0 || row[j] == -1 || (row[j - 1] >= 0 && row[j] > row[j - 1]), kOp, name, "[", r, ", ", j,
+                  "] = ", row[j], " after ", row[j - 1], ": a row's valid entries must be strictly increasing and "
+                  "come before its -1 padding");
+    }
   }
 }
 
@@ -69,16 +76,42 @@ at::Tensor host_problems(const at::Tensor& sample_group, int64_t& ngroups, int64
 // The index values on a GPU: device-side asserts, no synchronisation (a bad value is reported at the next one).
 void assert_indices_async(const GatheredConvParams& p) {
   auto in_range = [](const at::Tensor& t, int64_t lo, int64_t hi) { return t.ge(lo).logical_and(t.lt(hi)).all(); };
-  at::_assert_async(in_range(p.in_idx, -1, p.Cin), "gathered_conv2d: an in_idx value is out of range [-1, C_in)");
-  at::_assert_async(in_range(p.out_idx, -1, p.Cout), "gathered_conv2d: an out_idx value is out of range [-1, C_out)");
+  // each adjacent pair (a, b) of a row: b is padding, or a is valid and b > a
+  auto ordered = [](const at::Tensor& t) {
+    if (t.size(1) < 2) return at::ones({}, t.options().dtype(at::kBool));
+    const at::Tensor a = t.slice(1, 0, -1), b = t.slice(1, 1);
+    return b.eq(-1).logical_or(a.ge(0).logical_and(b.gt(a))).all();
+  };
+  at::_assert_async(in_range(p.in_idx, -1, p.Cin).logical_and(ordered(p.in_idx)),
+                    "gathered_conv2d: in_idx has a value out of range [-1, C_in) or a row not ascending then -1");
+  at::_assert_async(in_range(p.out_idx, -1, p.Cout).logical_and(ordered(p.out_idx)),
+                    "gathered_conv2d: out_idx has a value out of range [-1, C_out) or a row not ascending then -1");
+  if (p.B > 1) {  // samples with one sample_group value have identical rows
+    const at::Tensor order = std::get<1>(at::sort(p.sample_group, /*stable=*/true, 0, false));
+    const at::Tensor g = p.sample_group.index_select(0, order);
+    const at::Tensor in_rows = p.in_idx.index_select(0, order), out_rows = p.out_idx.index_select(0, order);
+    const at::Tensor same = g.slice(0, 1).eq(g.slice(0, 0, -1));
+    const at::Tensor rows_eq = in_rows.slice(0, 1).eq(in_rows.slice(0, 0, -1)).all(1).logical_and(
+        out_rows.slice(0, 1).eq(out_rows.slice(0, 0, -1)).all(1));
+    at::_assert_async(same.logical_not().logical_or(rows_eq).all(),
+                      "gathered_conv2d: samples in one group (equal sample_group) have different in_idx/out_idx rows");
+  }
   if (p.ngroups <= 0) return;
   const at::Tensor starts = p.problems.slice(0, p.B, p.B + p.ngroups);
   const at::Tensor sizes = p.problems.slice(0, p.B + p.ngroups, p.B + 2 * p.ngroups);
-  at::_assert_async(in_range(p.problems.slice(0, 0, p.B), 0, p.B), "gathered_conv2d: problems: a sample is out of range");
+  at::_assert_async(in_range(p.problems.slice(0, 0, p.B), 0, p.B),
+                    "gathered_conv2d: problems: a sample is out of range");
   const at::Tensor ends = at::cumsum(sizes, 0);
   at::_assert_async(sizes.ge(1).logical_and(starts.eq(ends - sizes)).all().logical_and(ends[-1].eq(p.B))
                         .logical_and(sizes.max().eq(p.max_group)),
                     "gathered_conv2d: problems: the groups do not tile the batch, or max_group is not the largest");
+  if (p.B > 1) {  // a problem's samples share one sample_group value
+    const at::Tensor first = at::zeros({p.B}, p.problems.options().dtype(at::kBool))
+                                 .index_fill_(0, starts.clamp(0, p.B - 1).to(at::kLong), true);
+    const at::Tensor sg = p.sample_group.index_select(0, p.problems.slice(0, 0, p.B).clamp(0, p.B - 1).to(at::kLong));
+    at::_assert_async(first.slice(0, 1).logical_or(sg.slice(0, 1).eq(sg.slice(0, 0, -1))).all(),
+                      "gathered_conv2d: problems: a group mixes samples of different sample_group values");
+  }
 }
 
 // A given problem list: [B + 2G] with B = 0 <=> G = 0 and 1 <= max_group <= B; on the host (check_values) also its
@@ -193,8 +226,8 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
     if (dev.is_cpu()) p.problems = host_problems(p.sample_group, p.ngroups, p.max_group);
   }
   if (check_indices && dev.is_cpu()) {
-    check_index_range(p.in_idx, p.Cin, "in_idx");
-    check_index_range(p.out_idx, p.Cout, "out_idx");
+    check_index_rows(p.in_idx, p.Cin, "in_idx");
+    check_index_rows(p.out_idx, p.Cout, "out_idx");
   } else if (check_indices && p.B > 0) {
     assert_indices_async(p);
   }

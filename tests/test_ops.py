@@ -369,7 +369,12 @@ BAD_INPUTS = {
     "out_idx_range": (lambda p, b: p["out_idx"].__setitem__((1, 0), -2),
                       r"out_idx(\[1, 0\] = -2 is| value is) out of range", ("cpu", "torch", "triton")),
     "group_rows_differ": (lambda p, b: p.update(sample_group=p["sample_group"].new_zeros(2)),
-                          r"different in_idx/out_idx rows", ("cpu",)),
+                          r"different in_idx/out_idx rows", ("cpu", "torch", "triton")),
+    "row_not_ascending": (lambda p, b: p["in_idx"].__setitem__((0, slice(0, 2)), torch.tensor([2, 1])),
+                          r"in_idx(\[0, 1\] = 1 after 2| row is not strictly increasing)", ("cpu", "torch", "triton")),
+    "padding_before_valid": (lambda p, b: p["out_idx"].__setitem__((1, slice(0, 2)), torch.tensor([-1, 3])),
+                             r"out_idx(\[1, 1\] = 3 after -1| row is not strictly increasing)",
+                             ("cpu", "torch", "triton")),
 }
 
 
@@ -518,5 +523,62 @@ def test_fuzz(backend):
         p = problem(B, C_in, C_out, C_in + extra_in, C_out + extra_out, H, W, k, sharing, stride, padding,
                     dilation, relu=relu, residual=residual, bias=bias, seed=seed)
         check(backend, p, dtype)
+
+    one()
+
+
+def _mutate(p, what, value, rng):
+    """One argument of ``p`` made (possibly) invalid: an index value, a size, a dtype, a stride / padding."""
+    q = dict(p)
+    if what in ("in_idx", "out_idx", "sample_group"):
+        t = q[what].clone()
+        if t.numel():
+            t.view(-1)[int(rng.integers(t.numel()))] = value
+        q[what] = t
+    elif what == "problems":
+        q.update(with_problems(q))
+        t = q["problems"].clone()
+        t.view(-1)[int(rng.integers(t.numel()))] = value
+        q["problems"] = t
+    elif what == "max_group":
+        q.update(with_problems(q))
+        q["max_group"] = value
+    elif what in ("stride", "padding", "dilation"):
+        q[what] = (value, 1) if rng.integers(2) else value
+    elif what == "x_channels":  # x no longer matches in_idx
+        q["x"] = q["x"][:, : max(q["x"].shape[1] + value % 3 - 1, 0)]
+    elif what == "dtype":
+        q[["x", "weight", "in_idx", "out_idx", "sample_group"][value % 5]] = q[
+            ["x", "weight", "in_idx", "out_idx", "sample_group"][value % 5]].to(
+            [torch.float64, torch.int64, torch.float16, torch.int16][value % 4])
+    return q
+
+
+def test_fuzz_bad_arguments_are_refused_or_computed(backend):
+    """Random invalid arguments (index values out of range, wrong sizes, dtypes, strides, problem lists): every
+    backend either raises an error that names the problem (RuntimeError / ValueError / TypeError) or, where the
+    change left the call valid, computes the right result. Never a crash, never an unchecked read (the process
+    would die)."""
+    import numpy as np
+
+    small = interpreted(backend)
+
+    @settings(max_examples=15 if small else int(os.environ.get("GENCNP_FUZZ_EXAMPLES", 60)), deadline=None,
+              database=None)
+    @given(what=st.sampled_from(["in_idx", "out_idx", "sample_group", "problems", "max_group", "stride",
+                                 "padding", "dilation", "x_channels", "dtype"]),
+           value=st.integers(-(2**31), 2**31 - 1) | st.integers(-3, 12), seed=st.integers(0, 2**16))
+    def one(what, value, seed):
+        rng = np.random.default_rng(seed)
+        p = problem(3, 5, 6, 4, 4, 5, 5, 3, ["shared", "class", "sample"][seed % 3], seed=seed)
+        q = _mutate(p, what, value, rng)
+        try:
+            out = run(backend, q)
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            assert str(e).strip(), "an error without a message"
+            return
+        # accepted: the call must have been valid, so the result must be right
+        check(backend, q)
+        assert out.shape[0] == q["x"].shape[0]
 
     one()

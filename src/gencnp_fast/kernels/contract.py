@@ -107,13 +107,33 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
 
 
 def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c_out: int,
-                       problems: Optional[torch.Tensor], max_group: int) -> None:
-    """The index values of a call: ``in_idx`` in ``[-1, c_in)``, ``out_idx`` in ``[-1, c_out)``, a problem list
-    whose groups tile the batch with ``max_group`` the largest. CPU tensors: a ``ValueError`` naming the first bad
-    value; GPU tensors: ``torch._assert_async`` (no synchronisation; a bad value is reported at the next one)."""
+                       problems: Optional[torch.Tensor], max_group: int,
+                       sample_group: Optional[torch.Tensor] = None) -> None:
+    """The index values of a call: ``in_idx`` in ``[-1, c_in)`` and ``out_idx`` in ``[-1, c_out)``, each row's
+    valid entries strictly increasing and before its -1 padding, samples of one group with identical rows, a problem
+    list whose groups tile the batch with ``max_group`` the largest. CPU tensors: a ``ValueError`` naming the
+    problem; GPU tensors: ``torch._assert_async`` (no synchronisation; a bad value is reported at the next one)."""
     B = in_idx.shape[0]
+
+    def ordered(t):  # each adjacent pair (a, b): b is padding, or a is valid and b > a
+        a, b = t[:, :-1], t[:, 1:]
+        return ((b == -1) | ((a >= 0) & (b > a))).all()
+
+    def grouped(sample_group):  # samples with one sample_group value have identical rows
+        order = torch.argsort(sample_group, stable=True)
+        g = sample_group[order]
+        same = g[1:] == g[:-1]
+        i, o = in_idx[order], out_idx[order]
+        rows_eq = (i[1:] == i[:-1]).all(1) & (o[1:] == o[:-1]).all(1)
+        return (~same | rows_eq).all()
+
     checks = [(((in_idx >= -1) & (in_idx < c_in)).all(), f"an in_idx value is out of range [-1, {c_in})"),
-              (((out_idx >= -1) & (out_idx < c_out)).all(), f"an out_idx value is out of range [-1, {c_out})")]
+              (((out_idx >= -1) & (out_idx < c_out)).all(), f"an out_idx value is out of range [-1, {c_out})"),
+              (ordered(in_idx), "an in_idx row is not strictly increasing before its -1 padding"),
+              (ordered(out_idx), "an out_idx row is not strictly increasing before its -1 padding")]
+    if sample_group is not None and B > 1:
+        checks.append((grouped(sample_group), "samples in one group (equal sample_group) have different in_idx/out_idx "
+                       "rows"))
     G = 0 if problems is None else (problems.shape[0] - B) // 2
     if G > 0:
         samples, starts, sizes = problems[:B], problems[B:B + G], problems[B + G:]
@@ -122,6 +142,12 @@ def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c
         checks.append(((sizes >= 1).all() & (starts == ends - sizes).all() & (ends[-1] == B)
                        & (sizes.max() == max_group), "problems: the groups do not tile the batch, or max_group is "
                        "not the largest"))
+        if sample_group is not None and B > 1:  # a problem's samples share one sample_group value
+            first = torch.zeros(B, dtype=torch.bool, device=samples.device)
+            first[starts.clamp(0, B - 1).long()] = True
+            sg = sample_group[samples.clamp(0, B - 1).long()]
+            checks.append(((first[1:] | (sg[1:] == sg[:-1])).all(), "problems: a group mixes samples of different "
+                           "sample_group values"))
     for ok, what in checks:
         if in_idx.device.type == "cpu":
             if not bool(ok):
@@ -161,7 +187,7 @@ def gathered_conv2d_reference(
     B, _, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
                                        dilation, problems, max_group, dtypes=(x.dtype,))
     if check_indices:
-        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group)
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
     out = x.new_zeros((B, out_idx.shape[1], HO, WO))
     if B == 0 or out_idx.shape[1] == 0:
         return out

@@ -261,7 +261,7 @@ def gathered_conv2d_triton(
     if problems is None:
         problems, max_group = problem_list(sample_group)
     if check_indices:
-        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group)
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
     ngroups = (problems.shape[0] - B) // 2
     _launch(x.contiguous(), in_idx.contiguous(), weight.contiguous(), bias, out_idx.contiguous(), residual,
             out, problems.contiguous(), ngroups, max_group, pair(stride, "stride"), pair(padding, "padding"),
