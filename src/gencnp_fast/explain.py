@@ -13,7 +13,6 @@ pathway metric from that file and ``target_model.pt`` with the reference (dense 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -39,6 +38,7 @@ __all__ = [
     "load_pathways",
     "write_outputs",
     "recompute_metrics",
+    "check_pathways_fit",
     "register_evaluation_hook",
     "run_evaluation_hooks",
 ]
@@ -143,7 +143,12 @@ def evaluate_gencnp(target: nn.Module, gen: GenCNP, test: ImageData, batch_size:
                     timing: bool = True, repeats: int = 5) -> ExplainResult:
     """Explain ``test`` and compute ``{"target": {"accuracy"}, "gencnp": {...}}`` (see :func:`pathway_metrics`;
     plus ``explain_ms_per_image``, ``dense_ms_per_image`` and ``explain_cost_ratio`` when ``timing``)."""
+    from .data import check_finite
+    from .target import check_input_dtype
+
+    check_input_dtype(gen.target, test.x, test.name)
     gen.check_input(test.x[:1])
+    check_finite(test.x, test.name)
     check_labels(test.y, gen.num_classes, test.name)
     pathway, full, path = explain_batched(gen, test.x, batch_size, backend)
     acc = float((full.argmax(1) == test.y).double().mean())
@@ -155,46 +160,94 @@ def evaluate_gencnp(target: nn.Module, gen: GenCNP, test: ImageData, batch_size:
 
 
 def save_pathways(path: str, x: torch.Tensor, y: torch.Tensor, pathway, units: Sequence[str]) -> None:
-    """Write ``pathways.pt``: ``{"x", "y", "pathway": {unit: bool [N, C]}, "units": [names]}``."""
-    torch.save({"x": x.cpu(), "y": y.cpu(), "pathway": {n: pathway[n].bool().cpu() for n in units},
-                "units": list(units)}, path)
+    """Write ``pathways.pt``: ``{"x", "y", "pathway": {unit: bool [N, C]}, "units": [names]}``, atomically."""
+    from .io import atomic_save
+
+    atomic_save({"x": x.cpu(), "y": y.cpu(), "pathway": {n: pathway[n].bool().cpu() for n in units},
+                 "units": list(units)}, path)
 
 
 def load_pathways(path: str) -> dict:
-    """Read ``pathways.pt`` (clear error if corrupt or not one)."""
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except Exception as exc:
-        raise ValueError(f"could not read {path}: corrupt or not a torch file ({type(exc).__name__})") from None
+    """Read ``pathways.pt`` (``weights_only=True``) and check its structure; one-line ``ValueError`` naming the
+    file and the first problem (corrupt, missing keys, shapes or dtypes that do not agree)."""
+    from .io import safe_load
+
+    d = safe_load(path, "pathways file")
     if not isinstance(d, dict) or not {"x", "y", "pathway", "units"} <= set(d):
         raise ValueError(f"{path} is not a pathways file (keys 'x', 'y', 'pathway', 'units' expected)")
+    x, y, pw, units = d["x"], d["y"], d["pathway"], d["units"]
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{path}: 'x' must be a tensor of inputs [N, ...] with N >= 1")
+    n = x.shape[0]
+    if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{path}: 'y' must be an integer tensor of {n} labels, got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"{path}: labels must be >= 0, found {int(y.min())}")
+    if not isinstance(units, (list, tuple)) or not units or not all(isinstance(u, str) for u in units) \
+            or len(set(units)) != len(units):
+        raise ValueError(f"{path}: 'units' must be a non-empty list of distinct unit names")
+    if not isinstance(pw, dict) or set(pw) != set(units):
+        extra = sorted(set(pw) ^ set(units)) if isinstance(pw, dict) else []
+        raise ValueError(f"{path}: 'pathway' must map exactly the names of 'units' to masks"
+                         + (f" (differs in {extra[:4]})" if extra else ""))
+    for u in units:
+        m = pw[u]
+        if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != n:
+            raise ValueError(f"{path}: the mask of unit {u!r} must be a tensor [N={n}, C], got "
+                             f"{tuple(getattr(m, 'shape', ()))}")
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"{path}: the mask of unit {u!r} holds values other than 0 and 1")
     return d
 
 
 def write_outputs(out_dir: str, result: ExplainResult) -> None:
-    """``metrics.json`` (``result.metrics``) and ``pathways.pt`` into ``out_dir``."""
+    """``metrics.json`` (``result.metrics``, strict JSON: see :func:`gencnp_fast.io.write_json`) and
+    ``pathways.pt`` into ``out_dir``, each written atomically."""
+    from .io import write_json
+
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-        json.dump(result.metrics, fh, indent=2, sort_keys=False)
+    write_json(os.path.join(out_dir, "metrics.json"), result.metrics)
     save_pathways(os.path.join(out_dir, "pathways.pt"), result.data.x, result.data.y, result.pathway,
                   result.generator.unit_names)
 
 
+def check_pathways_fit(d: dict, target: nn.Module, source: str) -> None:
+    """A one-line error when a pathways file does not fit ``target``: inputs of another dtype or shape, a unit
+    name the model lacks, or another channel count."""
+    from .model.reference import cached_units
+    from .target import check_model_input
+
+    from .data import check_finite
+
+    check_model_input(target, d["x"], f"{source}: 'x'")
+    check_finite(d["x"], f"{source}: 'x'")
+    ours = {u.name: u.channels for u in cached_units(target, d["x"][:1])}
+    for u in d["units"]:
+        if u not in ours:
+            raise ValueError(f"{source} names unit {u!r}, which the target model does not have (its units: "
+                             f"{', '.join(list(ours)[:12])}{', ...' if len(ours) > 12 else ''})")
+        if d["pathway"][u].shape[1] != ours[u]:
+            raise ValueError(f"{source}: unit {u!r} has {d['pathway'][u].shape[1]} channels in the file, "
+                             f"{ours[u]} in the target model")
+
+
 @torch.no_grad()
-def recompute_metrics(pathways_path: str, target: nn.Module, batch_size: int = 256) -> Dict[str, object]:
+def recompute_metrics(pathways_path: str, target: nn.Module, batch_size: int = 256,
+                      trust_pickle: bool = False) -> Dict[str, object]:
     """Recompute the pathway metrics of ``pathways.pt`` with :func:`reference_pathway_forward` (the oracle).
 
-    ``target`` is the model (or the path of ``target_model.pt``). Returns the ``"gencnp"`` metrics without timing
-    and ``"accuracy"`` of the target on the file's labels.
+    ``target`` is the model (or the path of a target file, loaded by :func:`gencnp_fast.target.load_target` with
+    ``trust_pickle``). Returns the ``"gencnp"`` metrics without timing and ``"accuracy"`` of the target on the
+    file's labels.
     """
-    if isinstance(target, str):
+    if isinstance(target, (str, os.PathLike)):
         from .target import load_target
 
-        target = load_target(target)
+        target = load_target(os.fspath(target), trust_pickle=trust_pickle)
     target.eval()
     d = load_pathways(pathways_path)
+    check_pathways_fit(d, target, pathways_path)
     x, y, units = d["x"], d["y"], list(d["units"])
     full, path = [], []
     for i in range(0, len(x), batch_size):
@@ -202,6 +255,7 @@ def recompute_metrics(pathways_path: str, target: nn.Module, batch_size: int = 2
         full.append(target(xb))
         path.append(reference_pathway_forward(target, {n: d["pathway"][n][i:i + batch_size] for n in units}, xb))
     full_l, path_l = torch.cat(full), torch.cat(path)
+    check_labels(y, int(full_l.shape[1]), pathways_path)
     m = pathway_metrics(full_l, path_l, d["pathway"], y, units, int(full_l.shape[1]))
     m["accuracy"] = float((full_l.argmax(1) == y).double().mean())
     return m

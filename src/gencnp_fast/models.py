@@ -8,7 +8,9 @@ adaptations; the ``mnist_*`` ones are the small targets of the embedded GEN-CNP 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Type, Union
+import functools
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +30,7 @@ __all__ = [
     "mnist_vgg",
     "mnist_resnet",
     "randomize_bn",
+    "model_spec",
     "MODEL_FACTORIES",
 ]
 
@@ -256,7 +259,7 @@ def resnet18_cifar(num_classes: int = 10) -> ResNet:
 
 
 def mnist_vgg(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> VGG:
-    """A small VGG-style CNN for 28×28 grayscale digits (four conv units, one hidden linear unit)."""
+    """A small VGG-style CNN for 28×28 grayscale digits (four conv units, two hidden linear units)."""
     cfg = [width, "M", 2 * width, "M", 4 * width, 4 * width, "M"]
     return VGG(make_vgg_features(cfg, True, in_channels), num_classes, pool_size=1, hidden=128, feature_channels=4 * width)
 
@@ -264,6 +267,31 @@ def mnist_vgg(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> V
 def mnist_resnet(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> ResNet:
     """A small ResNet-style CNN for 28×28 grayscale digits (three stages of one BasicBlock)."""
     return ResNet(BasicBlock, [1, 1, 1], num_classes, in_channels=in_channels, width=width, cifar_stem=True)
+
+
+SPEC_ATTR = "_gencnp_spec"
+
+
+def model_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """How to rebuild ``model``: ``{"factory": name, "kwargs": {...}}`` as recorded by the factories of
+    :data:`MODEL_FACTORIES` (and by :func:`gencnp_fast.target.build_model`); ``None`` for a model built elsewhere.
+    This is what the safe target file format (:func:`gencnp_fast.target.save_target`) stores beside the weights."""
+    spec = getattr(model, SPEC_ATTR, None)
+    return None if spec is None else {"factory": spec["factory"], "kwargs": dict(spec["kwargs"])}
+
+
+def _recording(name: str, fn):
+    """``fn`` that records its name and keyword arguments on the model it returns (see :func:`model_spec`)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        model = fn(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        object.__setattr__(model, SPEC_ATTR, {"factory": name, "kwargs": dict(bound.arguments)})
+        return model
+
+    return factory
 
 
 MODEL_FACTORIES = {
@@ -277,3 +305,6 @@ MODEL_FACTORIES = {
     "mnist_vgg": mnist_vgg,
     "mnist_resnet": mnist_resnet,
 }
+for _name, _fn in list(MODEL_FACTORIES.items()):  # each built-in model knows how to rebuild itself
+    MODEL_FACTORIES[_name] = globals()[_name] = _recording(_name, _fn)
+del _name, _fn

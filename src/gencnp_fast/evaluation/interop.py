@@ -5,7 +5,8 @@
   ``explain_func=`` to any Quantus metric (``quantus.FaithfulnessCorrelation``, ``quantus.MaxSensitivity``, ...).
 - :class:`PathwayAttribution` is Captum-style: ``PathwayAttribution(model).attribute(inputs, target=...)`` returns a
   tensor shaped like ``inputs``; ``attribute`` can be passed to ``captum.metrics.sensitivity_max`` and its output to
-  ``captum.metrics.infidelity``.
+  ``captum.metrics.infidelity``. Its inputs must have the model's dtype (a one-line ``ValueError`` names the
+  expected one); :func:`explain_func` converts Quantus's arrays to it.
 
 Which pathway explains a batch (the same keyword arguments for both):
 
@@ -63,7 +64,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def _attribute(model, x, target, pathway, pathway_fn, density, absolute, reduce_channels) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor or an array, got {type(x).__name__}")
+    expected = _model_dtype(model)
+    if x.dtype != expected:
+        raise ValueError(f"inputs are {x.dtype}, but the model is {expected}: expected {expected} inputs "
+                         f"(convert them, e.g. inputs.to({expected}))")
     was_training = model.training
     model.eval()
     try:
@@ -99,7 +111,7 @@ def explain_func(
     """
     dev = torch.device(device) if device is not None else _model_device(model)
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)
-    x = x.to(device=dev, dtype=torch.float32)
+    x = x.to(device=dev, dtype=_model_dtype(model))  # Quantus hands over numpy arrays of any float dtype
     t = None
     if targets is not None:
         t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets).long()

@@ -62,12 +62,18 @@ def _render(fig, name: str, title: str, caption: str) -> Figure:
     return Figure(name, title, caption, buf.getvalue())
 
 
+def _mpl(text) -> str:
+    """``text`` as literal matplotlib text: every ``$`` escaped, so a name such as ``$\\frac$`` is drawn as written
+    instead of being parsed (and failing) as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
 def _label(m: str) -> str:
-    return METHOD_LABELS.get(m, m)
+    return _mpl(METHOD_LABELS.get(m, m))
 
 
 def _short(unit: str, maxlen: int = 22) -> str:
-    return unit if len(unit) <= maxlen else "…" + unit[-(maxlen - 1):]
+    return _mpl(unit if len(unit) <= maxlen else "…" + unit[-(maxlen - 1):])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +103,8 @@ def fig_class_frequency(
                        interpolation="nearest")
         ax.set_title(f"{_short(u)}  ({m.shape[1]} ch, density {float(m.mean()):.2f})", fontsize=9)
         ax.set_yticks(range(num_classes))
-        ax.set_yticklabels(list(class_names)[:num_classes] if class_names else range(num_classes), fontsize=7)
+        known = list(class_names or [])
+        ax.set_yticklabels([_mpl(known[k]) if k < len(known) else str(k) for k in range(num_classes)], fontsize=7)
         ax.set_xlabel("channel (sorted by overall frequency)", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
         if i % cols == 0:
@@ -452,11 +459,13 @@ def write_report(
     notes: Sequence[str] = (),
     title: str = "GEN-CNP pathway evaluation",
 ) -> str:
-    """Write every figure as ``out_dir/<name>.png`` and the page ``out_dir/report.html``; return the page's path."""
+    """Write every figure as ``out_dir/<name>.png`` and the page ``out_dir/report.html`` (each atomically: an
+    existing file is replaced only by a complete new one); return the page's path."""
+    from ..io import write_bytes, write_text
+
     os.makedirs(out_dir, exist_ok=True)
     for f in figures:
-        with open(os.path.join(out_dir, f.name), "wb") as fh:
-            fh.write(f.png)
+        write_bytes(os.path.join(out_dir, f.name), f.png)
     meta = dict(meta or {})
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     sub = " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items())
@@ -494,6 +503,5 @@ def write_report(
     parts.append(_SCRIPT)
     parts.append("</body></html>")
     path = os.path.join(out_dir, "report.html")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
+    write_text(path, "\n".join(parts))
     return path

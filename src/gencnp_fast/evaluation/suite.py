@@ -475,26 +475,40 @@ def run_suite_from_dir(
     generator=None,
     update_metrics: bool = True,
     config: Optional[SuiteConfig] = None,
+    trust_pickle: bool = False,
     **kwargs,
 ) -> Dict[str, object]:
     """:func:`run_suite` on what ``gencnp demo`` / ``gencnp evaluate`` wrote into ``run_dir`` (``config`` and
     ``kwargs``, the other keyword arguments of :func:`run_suite`, go to it).
 
-    Reads ``target_model.pt`` (whole module), ``pathways.pt`` (``"x"``, ``"y"``, ``"pathway"``, ``"units"``) and
-    ``metrics.json`` (GEN-CNP's ``explain_ms_per_image`` under ``"gencnp"``). With ``train_x``/``train_y`` and a
-    generator (a ``GenCNP`` instance, or ``run_dir/generator.pt`` loaded for the target), the class pathways are
-    built from GEN-CNP's training pathways and GEN-CNP's soft scores give its mDC-vs-density curve. The report goes
-    to ``out_dir`` (default ``run_dir``); ``"baselines"`` and ``"transfer"`` are merged into ``metrics.json``.
+    Reads ``target_model.pt`` with :func:`gencnp_fast.target.load_target` (the safe format; a whole-module pickle
+    only with ``trust_pickle``, for files you made), ``pathways.pt`` (``"x"``, ``"y"``, ``"pathway"``, ``"units"``;
+    ``weights_only=True``, checked against the model) and ``metrics.json`` (GEN-CNP's ``explain_ms_per_image``
+    under ``"gencnp"``). Nothing is unpickled. With ``train_x``/``train_y`` and a generator (a ``GenCNP`` instance,
+    or ``run_dir/generator.pt`` loaded for the target), the class pathways are built from GEN-CNP's training
+    pathways and GEN-CNP's soft scores give its mDC-vs-density curve. The report goes to ``out_dir`` (default
+    ``run_dir``); ``"baselines"`` and ``"transfer"`` are merged into ``metrics.json`` (strict JSON, written
+    atomically).
     """
     import json
 
-    model = torch.load(os.path.join(run_dir, "target_model.pt"), map_location="cpu", weights_only=False).eval()
-    saved = torch.load(os.path.join(run_dir, "pathways.pt"), map_location="cpu", weights_only=False)
+    from ..explain import check_pathways_fit, load_pathways
+    from ..io import write_json
+    from ..target import load_target
+
+    model = load_target(os.path.join(run_dir, "target_model.pt"), trust_pickle=trust_pickle)
+    saved = load_pathways(os.path.join(run_dir, "pathways.pt"))
+    check_pathways_fit(saved, model, os.path.join(run_dir, "pathways.pt"))
     metrics_path = os.path.join(run_dir, "metrics.json")
     metrics = {}
     if os.path.isfile(metrics_path):
         with open(metrics_path, encoding="utf-8") as fh:
-            metrics = json.load(fh)
+            try:
+                metrics = json.load(fh)
+            except ValueError as exc:
+                raise ValueError(f"{metrics_path} is not valid JSON: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{metrics_path} does not hold a JSON object")
     gencnp_ms = (metrics.get("gencnp") or {}).get("explain_ms_per_image")
     test_x, test_y = saved["x"], saved.get("y")
     units = saved.get("units") or list(saved["pathway"])
@@ -519,6 +533,5 @@ def run_suite_from_dir(
     if update_metrics:
         metrics["baselines"] = res["baselines"]
         metrics["transfer"] = res["transfer"]
-        with open(metrics_path, "w", encoding="utf-8") as fh:
-            json.dump(metrics, fh, indent=2)
+        write_json(metrics_path, metrics)
     return res

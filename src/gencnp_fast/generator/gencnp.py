@@ -11,6 +11,7 @@ parameters are frozen and are not part of the generator's parameters or state di
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from .pdn import PathwayDistillationNetwork
 from .rfe import RecursiveFeatureEmbedder
 from .rpd import RecursivePathwayDecoder
 
-__all__ = ["GenCNP", "GenCNPOutput", "CHECKPOINT_FORMAT", "read_checkpoint"]
+__all__ = ["GenCNP", "GenCNPOutput", "CHECKPOINT_FORMAT", "read_checkpoint", "check_generator_state"]
 
 CHECKPOINT_FORMAT = "gencnp_fast.generator/1"
 
@@ -161,8 +162,11 @@ class GenCNP(nn.Module):
         }
 
     def save(self, path) -> None:
-        """Save the generator (weights, config, and the target's unit signature; not the target)."""
-        torch.save(self.checkpoint_state(), path)
+        """Save the generator (weights, config, and the target's unit signature; not the target), atomically: an
+        existing file is replaced only by a complete new one."""
+        from ..io import atomic_save
+
+        atomic_save(self.checkpoint_state(), path)
 
     @classmethod
     def load(cls, path, target_model: nn.Module) -> "GenCNP":
@@ -178,7 +182,8 @@ class GenCNP(nn.Module):
         try:
             units = cached_units(_freeze(target_model), example)
         except ValueError as exc:
-            raise ValueError(f"{path} was trained for inputs of shape {shape}, which do not fit this model: {exc}")
+            raise ValueError(f"{path} was trained for inputs of shape {shape}, which do not fit this model: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
         ours = [(u.name, u.channels) for u in units]
         if ours != saved:
             diff = next(((a, b) for a, b in zip(saved, ours) if a != b), None)
@@ -187,6 +192,8 @@ class GenCNP(nn.Module):
             raise ValueError(
                 f"{path} is a generator for another model ({state.get('target_class', '?')}, {len(saved)} units); "
                 f"{detail}")
+        if not all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()):
+            raise ValueError(f"{path}: the generator weights hold NaN or infinity")
         gen = cls(target_model, example, **state["config"])
         if gen.num_classes != state["num_classes"]:
             raise ValueError(f"{path} is for a model with {state['num_classes']} classes, this one has "
@@ -194,25 +201,51 @@ class GenCNP(nn.Module):
         try:
             gen.load_state_dict(state["state_dict"])
         except RuntimeError as exc:
-            raise ValueError(f"{path}: generator weights do not fit: {exc}") from exc
+            raise ValueError(f"{path}: generator weights do not fit: {' '.join(str(exc).split())[:400]}") from None
         gen.eval()
         return gen
 
 
-def read_checkpoint(path) -> dict:
-    """Read a generator file (or the ``"generator"`` entry of a training checkpoint) with clear errors."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"generator checkpoint {path} does not exist") from None
-    except Exception as exc:
-        raise ValueError(f"could not read {path}: the file is corrupt or not a torch checkpoint "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    if isinstance(state, dict) and "generator" in state and isinstance(state["generator"], dict):
-        state = state["generator"]
+_CONFIG_KEYS = {"d": int, "code_dim": int, "t0": (int, float), "sigma": (int, float), "init_bias": (int, float)}
+
+
+def check_generator_state(state, path) -> dict:
+    """The checks of a generator entry (:meth:`GenCNP.checkpoint_state`): every key present, with the right type;
+    a ``ValueError`` naming ``path`` and the first problem otherwise."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a GEN-CNP generator checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     for key in ("config", "units", "input_shape", "num_classes", "state_dict"):
         if key not in state:
             raise ValueError(f"{path} is an incomplete generator checkpoint: {key!r} is missing")
+    cfg = state["config"]
+    if not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_KEYS) or not all(
+            isinstance(cfg[k], t) and not isinstance(cfg[k], bool) for k, t in _CONFIG_KEYS.items()) \
+            or cfg["d"] < 1 or cfg["code_dim"] < 1:
+        raise ValueError(f"{path}: the generator config must hold {sorted(_CONFIG_KEYS)} (positive sizes), got "
+                         f"{cfg!r:.200}")
+    units = state["units"]
+    if not isinstance(units, (list, tuple)) or not units or not all(
+            isinstance(u, (list, tuple)) and len(u) == 2 and isinstance(u[0], str) and isinstance(u[1], int)
+            for u in units):
+        raise ValueError(f"{path}: 'units' must be a non-empty list of [unit name, channels]")
+    shape = state["input_shape"]
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4 or not all(
+            isinstance(v, int) and 0 < v <= 1 << 16 for v in shape) or math.prod(shape) > 1 << 26:
+        raise ValueError(f"{path}: 'input_shape' must be a list of positive sizes of one image, got {shape!r:.100}")
+    if not isinstance(state["num_classes"], int) or state["num_classes"] < 1:
+        raise ValueError(f"{path}: 'num_classes' must be a positive integer, got {state['num_classes']!r:.50}")
+    sd = state["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path}: 'state_dict' must map parameter names to tensors")
     return state
+
+
+def read_checkpoint(path) -> dict:
+    """Read a generator file (or the ``"generator"`` entry of a training checkpoint) with clear errors; loaded with
+    ``weights_only=True`` (nothing in the file can run code)."""
+    from ..io import safe_load
+
+    state = safe_load(path, "generator checkpoint")
+    if isinstance(state, dict) and "generator" in state and isinstance(state["generator"], dict):
+        state = state["generator"]
+    return check_generator_state(state, path)

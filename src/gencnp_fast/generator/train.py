@@ -27,20 +27,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import distributed as D
 from ..data import ImageData, check_labels
 from ..evaluation.metrics import confidence_metrics, density_stats
+from ..io import atomic_save
 from ..model.reference import soft_pathway_forward
 from ..plan import dense_capture, fast_pathway_forward
-from .gencnp import GenCNP, GenCNPOutput
+from .gencnp import GenCNP, GenCNPOutput, check_generator_state
 from .pdn import distill_kl, supervised_contrastive
 
-__all__ = ["TrainConfig", "train_gencnp", "validate", "gencnp_loss", "seed_everything"]
+__all__ = ["TrainConfig", "train_gencnp", "validate", "gencnp_loss", "seed_everything", "read_training_checkpoint",
+           "check_config", "CONFIG_OPTIONS"]
 
 TERMS = ("loss", "kd", "density", "cls")  # the reported terms of the loss (per-epoch means in the history)
 
@@ -62,6 +65,44 @@ class TrainConfig:
     fidelity_floor: float = 0.97     # best-checkpoint rule (see module doc)
     seed: int = 0
     backend: str = "auto"            # fast_pathway_forward backend for validation
+
+
+# The CLI option of each TrainConfig field (for messages); fields without one are Python-API settings.
+CONFIG_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "tau": "--tau",
+                  "lambda_sp": "--lambda-sp", "lambda_cls": "--lambda-cls", "seed": "--seed",
+                  "soft_fraction": "--soft-fraction"}
+# What a resumed run may not change without ``override`` (everything that shapes the training trajectory).
+RESUME_FIXED = ("epochs", "batch_size", "lr", "weight_decay", "tau", "lambda_sp", "lambda_cls", "supcon_temperature",
+                "sp_warmup", "soft_fraction", "fidelity_floor", "seed")
+
+
+def _opt(name: str) -> str:
+    return CONFIG_OPTIONS.get(name, f"TrainConfig.{name}")
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """A one-line ``ValueError`` naming the first setting of ``cfg`` that is out of its range."""
+    def bad(name, why):
+        return ValueError(f"{_opt(name)} {why}, got {getattr(cfg, name)!r}")
+
+    for name in ("epochs", "batch_size"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(name, "must be a positive integer")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise bad("seed", "must be an integer in [0, 2**32)")
+    for name in ("lr", "tau", "supcon_temperature"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise bad(name, "must be a positive finite number")
+    for name in ("weight_decay", "lambda_sp", "lambda_cls"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise bad(name, "must be a finite number >= 0")
+    for name in ("sp_warmup", "soft_fraction", "fidelity_floor"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise bad(name, "must lie in [0, 1]")
 
 
 def seed_everything(seed: int) -> None:
@@ -147,10 +188,37 @@ def _is_better(new: Dict[str, float], best: Optional[Dict[str, float]], floor: f
     return (new["fidelity"], -new["density_mean"]) > (best["fidelity"], -best["density_mean"])
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+CHECKPOINT_KEYS = ("generator", "optimizer", "epoch", "config", "history", "best", "best_epoch", "best_state")
+
+
+def read_training_checkpoint(path: Optional[str]) -> Optional[dict]:
+    """The training checkpoint at ``path`` (read on rank 0 with ``weights_only=True``, sent to every rank), with
+    its keys and their types checked; ``None`` when there is no such file. A one-line ``ValueError`` names the
+    file and the first problem."""
+    if not path or not D.broadcast_object(os.path.isfile(path)):
+        return None
+    try:
+        ck = D.load_on_main(path, "training checkpoint")
+    except ValueError as exc:
+        raise ValueError(f"could not resume: {exc}") from None
+    if not isinstance(ck, dict) or "generator" not in ck:
+        raise ValueError(f"could not resume: {path} is not a GEN-CNP training checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        raise ValueError(f"could not resume: {path} is an incomplete training checkpoint: {missing[0]!r} is missing")
+    check_generator_state(ck["generator"], path)
+    kinds = {"optimizer": dict, "config": dict, "history": list, "best": (dict, type(None)),
+             "best_state": (dict, type(None)), "epoch": int, "best_epoch": int, "partial": (dict, type(None))}
+    for key, kind in kinds.items():
+        if not isinstance(ck.get(key), kind) or isinstance(ck.get(key), bool):
+            raise ValueError(f"could not resume: {path}: {key!r} has the wrong type ({type(ck.get(key)).__name__})")
+    partial = ck.get("partial")
+    if partial is not None and not (
+            {"epoch", "next_batch", "sums", "nb", "train_seconds", "rng"} <= set(partial)
+            and isinstance(partial["rng"], torch.Tensor) and partial["rng"].dtype == torch.uint8
+            and isinstance(partial["sums"], dict) and set(TERMS) <= set(partial["sums"])):
+        raise ValueError(f"could not resume: {path}: its mid-epoch position ('partial') is incomplete")
+    return ck
 
 
 @dataclasses.dataclass
@@ -178,33 +246,72 @@ class _Trainer:
         self.best, self.best_epoch, self.best_state = None, -1, None
         self.start_epoch = 0
         self.partial = None  # a mid-epoch position to continue from (resume)
+        self.overrides: List[dict] = []  # settings changed on resume (--override), with the epoch they apply from
         self.ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
         self.best_path = os.path.join(out_dir, "generator.pt") if out_dir else None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
 
     # resume and checkpoints -----------------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Continue from ``checkpoint.pt`` if there is one (read on rank 0, sent to every rank)."""
+    def resume(self, override: bool = False) -> None:
+        """Continue from ``checkpoint.pt`` if there is one (read on rank 0, sent to every rank).
+
+        The checkpoint must be for the same target (units) and generator size; a change of any setting in
+        :data:`RESUME_FIXED` (batch size, learning rate, epochs, ...) is refused unless ``override``, which logs it.
+        """
         path = self.ckpt_path
-        if not path or not D.broadcast_object(os.path.isfile(path)):
+        ck = read_training_checkpoint(path)
+        if ck is None:
             return
-        try:
-            ck = D.load_on_main(path)
-        except Exception as exc:
-            raise ValueError(f"could not resume: {path} is corrupt ({type(exc).__name__}: {exc})") from None
-        if not isinstance(ck, dict) or "generator" not in ck or "optimizer" not in ck:
-            raise ValueError(f"could not resume: {path} is not a GEN-CNP training checkpoint")
-        if [tuple(u) for u in ck["generator"]["units"]] != [tuple(u) for u in self.gen.signature()]:
+        gen = self.gen
+        if [tuple(u) for u in ck["generator"]["units"]] != [tuple(u) for u in gen.signature()]:
             raise ValueError(f"could not resume: {path} is a checkpoint for another model")
-        self.gen.load_state_dict(ck["generator"]["state_dict"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.start_epoch = int(ck["epoch"]) + 1
+        saved_gen = ck["generator"]["config"]
+        if saved_gen != gen.config:
+            names = {"d": "hidden size d (--hidden)", "code_dim": "code size (--code-dim)"}
+            diff = ", ".join(f"{names.get(k, k)} {saved_gen.get(k)}, now {v}" for k, v in gen.config.items()
+                             if saved_gen.get(k) != v)
+            raise ValueError(f"could not resume: {path} holds a generator of another size: {diff}; give the "
+                             f"checkpoint's --hidden {saved_gen.get('d')} --code-dim {saved_gen.get('code_dim')}, "
+                             f"or train into a new --out")
+        changes = self._config_changes(ck["config"], path, override)
+        try:
+            gen.load_state_dict(ck["generator"]["state_dict"])
+            self.opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"could not resume: {path} does not fit this generator "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        for group in self.opt.param_groups:  # this run's settings (equal to the checkpoint's unless overridden)
+            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+        self.start_epoch = ck["epoch"] + 1
         self.history = list(ck["history"])
-        self.best, self.best_epoch, self.best_state = ck["best"], int(ck["best_epoch"]), ck["best_state"]
+        self.best, self.best_epoch, self.best_state = ck["best"], ck["best_epoch"], ck["best_state"]
+        self.overrides = list(ck.get("overrides") or [])
         self.partial = ck.get("partial")
+        if changes:
+            self.overrides.append({"epoch": self.start_epoch, "changes": changes})
+            old_bs = changes.get("batch_size", (None,))[0]
+            if self.partial is not None and old_bs is not None:  # the same samples done, in batches of the new size
+                done = int(self.partial["next_batch"]) * int(old_bs)
+                self.partial = dict(self.partial, next_batch=done // self.cfg.batch_size)
         if self.log:
             self.log(f"resumed from {path} after epoch {self.start_epoch}")
+
+    def _config_changes(self, saved: dict, path: str, override: bool) -> Dict[str, Tuple]:
+        """``{field: (checkpoint value, this run's value)}`` for the settings that differ; an error unless
+        ``override`` (then every change is printed on rank 0)."""
+        changes = {k: (saved[k], getattr(self.cfg, k)) for k in RESUME_FIXED
+                   if k in saved and saved[k] != getattr(self.cfg, k)}
+        if not changes:
+            return changes
+        text = ", ".join(f"{k} {a} -> {b} ({_opt(k)})" for k, (a, b) in changes.items())
+        if not override:
+            raise ValueError(f"could not resume: this run changes settings of {path}: {text}. Resume with the "
+                             f"checkpoint's values, or pass --override to change them (the change is logged)")
+        if D.is_main():
+            print(f"gencnp: resuming {path} with changed settings (--override): {text}", file=sys.stderr,
+                  flush=True)
+        return changes
 
     def save_checkpoint(self, epoch: int, partial: Optional[dict] = None) -> None:
         """``checkpoint.pt`` after ``epoch`` (``partial``: the position within the next epoch); rank 0 only."""
@@ -212,10 +319,10 @@ class _Trainer:
             return
         ck = {"generator": self.gen.checkpoint_state(), "optimizer": self.opt.state_dict(), "epoch": epoch,
               "config": dataclasses.asdict(self.cfg), "history": self.history, "best": self.best,
-              "best_epoch": self.best_epoch, "best_state": self.best_state}
+              "best_epoch": self.best_epoch, "best_state": self.best_state, "overrides": self.overrides}
         if partial is not None:
             ck["partial"] = partial
-        _atomic_save(ck, self.ckpt_path)
+        atomic_save(ck, self.ckpt_path)
 
     # one epoch --------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, mode: str, forward) -> _EpochSums:
@@ -246,6 +353,10 @@ class _Trainer:
             step = epoch * self.steps_per_epoch + b
             sp_scale = min(1.0, (step + 1) / max(1.0, cfg.sp_warmup * self.total_steps))  # λ_sp's warm-up
             rep = self.step(forward, idx, mode, sp_scale)
+            if not all(math.isfinite(v) for v in rep.values()):
+                raise ValueError(f"GEN-CNP training stopped: the loss is {rep['loss']} (kd {rep['kd']}, density "
+                                 f"{rep['density']}) at epoch {epoch + 1}, batch {b + 1}: {self._diagnose(idx)}; "
+                                 f"nothing more is written")
             for k in TERMS:
                 acc.sums[k] += rep[k]
             acc.nb += 1
@@ -260,10 +371,23 @@ class _Trainer:
         acc.seconds = time.perf_counter() - t0
         return acc
 
+    @torch.no_grad()
+    def _diagnose(self, idx: torch.Tensor) -> str:
+        """Why a loss is not finite: the target's own logits on the batch, or the training diverged."""
+        target = self.gen.target
+        logits = target(self.train.x[idx[:256]].to(next(target.parameters()).device))
+        if not bool(torch.isfinite(logits).all()):
+            return ("the target model's logits are NaN or infinite for these images (it overflows; it cannot be "
+                    "explained)")
+        return f"the training diverged (lr {self.cfg.lr:g}; try a smaller --lr)"
+
     def step(self, forward, idx: torch.Tensor, mode: str, sp_scale: float) -> Dict[str, float]:
-        """One optimiser step on the global batch ``train.x[idx]``; returns its reported terms."""
+        """One optimiser step on the global batch ``train.x[idx]``; returns its reported terms. A non-finite loss
+        (the same on every rank) returns before the step, leaving the weights as they were."""
         x, sizes = D.local_batch(self.train.x, idx)
         terms = gencnp_loss(forward, self.gen, x, self.cfg, mode, sp_scale, shard=sizes)
+        if not all(math.isfinite(v) for v in terms["report"].values()):
+            return terms["report"]
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
@@ -272,6 +396,10 @@ class _Trainer:
     def end_epoch(self, epoch: int, mode: str, acc: _EpochSums) -> None:
         """Validate, record the epoch, keep (and write) the best weights, log, write ``checkpoint.pt``."""
         gen, cfg = self.gen, self.cfg
+        bad = next((n for n, p in gen.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise ValueError(f"GEN-CNP training diverged: the generator's {bad} became NaN or infinite in epoch "
+                             f"{epoch + 1}; nothing more is written (lr {cfg.lr:g})")
         val_m = (D.validate_sharded if D.is_active() else validate)(gen, self.val, backend=cfg.backend)
         rec = {"epoch": epoch, "mode": mode, **{f"train_{k}": v / max(acc.nb, 1) for k, v in acc.sums.items()},
                **{f"val_{k}": v for k, v in val_m.items()}, "temperature": float(gen.daq.temperature.detach()),
@@ -296,7 +424,7 @@ class _Trainer:
 def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str] = None,
                  resume: bool = False, quiet: bool = False, log=None,
                  stop_after: Optional[int] = None, checkpoint_every: Optional[int] = None,
-                 stop_after_steps: Optional[int] = None) -> Dict[str, object]:
+                 stop_after_steps: Optional[int] = None, override: bool = False) -> Dict[str, object]:
     """Train ``gen`` on ``train``, validating on ``val`` after every epoch.
 
     Args:
@@ -310,6 +438,12 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
             epoch, the running sums and the RNG state; ``resume`` continues mid-epoch exactly).
         stop_after_steps: return right after this many steps in total, writing nothing more (simulates a killed
             run: ``resume`` restarts from the last checkpoint). The result then has ``"stopped_at_step"``.
+        override: on ``resume``, accept settings of ``cfg`` that differ from the checkpoint's (batch size,
+            learning rate, epochs, ...; printed, and recorded under ``"overrides"`` in the checkpoint); without it
+            such a change is a ``ValueError``.
+
+    Non-finite images, a non-finite loss or generator weights that become non-finite stop training with a
+    ``ValueError`` before anything non-finite is written.
 
     Under ``torchrun`` (:mod:`gencnp_fast.distributed`) every rank trains its slice of each global batch of
     ``cfg.batch_size`` with the generator in DistributedDataParallel; only rank 0 writes files and logs.
@@ -318,12 +452,18 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
         ``{"history": [per-epoch dicts], "best": best epoch's validation metrics, "best_epoch": int}``; ``gen``
         holds the best weights when this returns.
     """
+    from ..data import check_finite
+    from ..target import check_input_dtype
+
+    check_config(cfg)
     for d in (train, val):
+        check_input_dtype(gen.target, d.x, d.name)
         gen.check_input(d.x[:1])
+        check_finite(d.x, d.name)
         check_labels(d.y, gen.num_classes, d.name)
     run = _Trainer(gen, train, val, cfg, out_dir, quiet, log, checkpoint_every, stop_after_steps)
     if resume:
-        run.resume()
+        run.resume(override)
     forward = D.wrap_generator(gen)
     soft_epochs = int(round(cfg.soft_fraction * cfg.epochs))
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
