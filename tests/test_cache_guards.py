@@ -124,3 +124,7 @@ def test_capturing_units_keeps_every_modules_mode():
     stats = _bn0(model).running_mean.clone()
     g.pathway_units(model, torch.randn(1, 3, 10, 10))
     assert torch.equal(stats, _bn0(model).running_mean)
+    from gencnp_fast.target import check_model_input
+
+    check_model_input(model, x)  # the CLI's input check: the same rule
+    assert model.training and not _bn0(model).training and model.features[4].training

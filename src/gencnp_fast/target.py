@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, check_labels
 from .io import one_line, safe_load
+from .model.units import eval_mode
 from .models import MODEL_FACTORIES, model_spec
 
 __all__ = ["TARGET_FORMAT", "build_model", "build_from_spec", "load_target", "save_target", "train_target",
@@ -335,16 +336,12 @@ def check_model_input(model: nn.Module, x: torch.Tensor, source: str = "data") -
     check_input_dtype(model, x, source)
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{source} holds no images (shape {tuple(x.shape)})")
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():  # every module's own training flag is restored after
             out = model(x[:1])
     except Exception as exc:
         raise ValueError(f"{source}: images of shape {tuple(x.shape[1:])} do not fit the model "
                          f"({type(exc).__name__}: {one_line(exc)})") from None
-    finally:
-        model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the model must return logits [B, classes], got {getattr(out, 'shape', type(out))}")
     return int(out.shape[1])

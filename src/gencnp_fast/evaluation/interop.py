@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .baselines import neuron_mct_pathways
+from ..model.units import eval_mode
 from .saliency import pathway_grad
 
 __all__ = ["explain_func", "PathwayAttribution", "resolve_pathway"]
@@ -76,15 +77,10 @@ def _attribute(model, x, target, pathway, pathway_fn, density, absolute, reduce_
     if x.dtype != expected:
         raise ValueError(f"inputs are {x.dtype}, but the model is {expected}: expected {expected} inputs "
                          f"(convert them, e.g. inputs.to({expected}))")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # every module's own training flag is restored after
         pw = resolve_pathway(model, x, pathway, pathway_fn, density)
         pw = {n: m.to(x.device) for n, m in pw.items()}
         g = pathway_grad(model, x, pw, target)
-    finally:
-        if was_training:
-            model.train()
     if absolute:
         g = g.abs()
     if reduce_channels:
