@@ -193,6 +193,17 @@ def test_layer_shapes(backend, sharing, Cin, Cout, Kin, Kout, H):
     check(backend, problem(8, Cin, Cout, Kin, Kout, H, H, 3, sharing, seed=Cin + H, n_in=Kin, n_out=Kout))
 
 
+@pytest.mark.parametrize("sharing", ["shared", "sample"])
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2), (7, 2, 3, 1)])
+def test_large_maps(backend, sharing, k, stride, padding, dilation):
+    """224-class maps: the CPU kernel's column blocks end inside a sample and copy only the padded rows they
+    read; blocks starting and ending mid-map, several blocks per sample."""
+    if interpreted(backend):
+        pytest.skip("too large for the interpreter (runs on a GPU)")
+    check(backend, problem(3, 20, 24, 16, 18, 75, 69, k, sharing, stride, padding, dilation, seed=k * 7 + stride,
+                           n_in=16))
+
+
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
 def test_linear_and_downsample(backend, sharing):
     small = interpreted(backend)

@@ -40,11 +40,16 @@
 #include <immintrin.h>
 #define GENCNP_AVX2 1
 #endif
+#if defined(__AVX512F__)
+#define GENCNP_AVX512 1
+#endif
 
 namespace gencnp_fast {
 
 const char* cpu_kernel_isa() {
-#if defined(GENCNP_AVX2)
+#if defined(GENCNP_AVX512)
+  return "avx512f";
+#elif defined(GENCNP_AVX2)
   return "avx2+fma";
 #else
   return "generic-vector";
@@ -53,8 +58,12 @@ const char* cpu_kernel_isa() {
 
 namespace {
 
-constexpr int MR = 16;  // output channels per micro-tile (2 AVX vectors)
-constexpr int NR = 6;   // output columns (pixels) per micro-tile (broadcast)
+constexpr int MR = 16;  // output channels per micro-tile (one AVX-512 / two AVX2 vectors)
+#if defined(GENCNP_AVX512)
+constexpr int NR = 12;  // output columns (pixels) per micro-tile: 12 zmm accumulators of 32
+#else
+constexpr int NR = 6;   // output columns (pixels) per micro-tile: 12 ymm accumulators of 16
+#endif
 constexpr int64_t kBBlockBytes = 192 * 1024;          // target size of the B source of a column block
 constexpr int64_t kACacheFloats = 4 * 1024 * 1024;    // max packed weight tiles kept per item
 
@@ -88,7 +97,7 @@ thread_local IndexBuffer tl_koff;
 thread_local ScratchBuffer tl_b_buf;
 
 // ---------------------------------------------------------------------------------------
-// Micro-kernel: Ct[n][r] = sum_k A[k][r] * B[k][n], r < 16, n < N (<= 6).
+// Micro-kernel: Ct[n][r] = sum_k A[k][r] * B[k][n], r < 16, n < N (<= NR).
 // A: [K][16] packed weights (64-byte aligned). B is never packed: column n of the im2col is
 // read in place as bp[n][koff[k]] (bp[n] = the column's window origin in the zero-padded
 // compact input, koff[k] = channel/tap offset), so there is no im2col buffer at all.
@@ -96,9 +105,24 @@ template <int N>
 inline void micro_kernel(int64_t K, const float* __restrict A, const float* const* bp,
                          const int64_t* __restrict koff, float* __restrict Ct) {
   const float* p[N];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int n = 0; n < N; ++n) p[n] = bp[n];
-#if defined(GENCNP_AVX2)
+#if defined(GENCNP_AVX512)
+  // one zmm of A (16 rows) per k, times N broadcast columns (folded into the FMAs as {1to16} operands): 1 + N
+  // loads per N FMAs, against 3 + N per 2N ymm FMAs in the AVX2 kernel
+  __m512 c[N];
+#pragma GCC unroll 12
+  for (int n = 0; n < N; ++n) c[n] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t off = koff[k];
+    const __m512 a = _mm512_load_ps(A + k * MR);
+#pragma GCC unroll 12
+    for (int n = 0; n < N; ++n) c[n] = _mm512_fmadd_ps(a, _mm512_set1_ps(p[n][off]), c[n]);
+  }
+#pragma GCC unroll 12
+  for (int n = 0; n < N; ++n) _mm512_storeu_ps(Ct + n * MR, c[n]);
+#elif defined(GENCNP_AVX2)
   __m256 c0[N], c1[N];
 #pragma GCC unroll 6
   for (int n = 0; n < N; ++n) {
@@ -151,6 +175,14 @@ inline void micro_kernel(int64_t K, const float* __restrict A, const float* cons
 inline void run_micro_kernel(int nr, int64_t K, const float* A, const float* const* bp, const int64_t* koff,
                              float* Ct) {
   switch (nr) {
+#if defined(GENCNP_AVX512)
+    case 12: micro_kernel<12>(K, A, bp, koff, Ct); break;
+    case 11: micro_kernel<11>(K, A, bp, koff, Ct); break;
+    case 10: micro_kernel<10>(K, A, bp, koff, Ct); break;
+    case 9: micro_kernel<9>(K, A, bp, koff, Ct); break;
+    case 8: micro_kernel<8>(K, A, bp, koff, Ct); break;
+    case 7: micro_kernel<7>(K, A, bp, koff, Ct); break;
+#endif
     case 6: micro_kernel<6>(K, A, bp, koff, Ct); break;
     case 5: micro_kernel<5>(K, A, bp, koff, Ct); break;
     case 4: micro_kernel<4>(K, A, bp, koff, Ct); break;
@@ -276,28 +308,35 @@ void pack_weight_tile(const Problem& pb, const GroupInfo& gi, int64_t mt, float*
   }
 }
 
-// Zero-padded copy of the valid input channels of samples [s0, s1) of group g:
-// dst[s - s0][jv][Hp][Wp]. Only used when padding > 0 (otherwise B is read from x in place).
-void pad_samples(const Problem& pb, const GroupInfo& gi, int64_t s0, int64_t s1, float* __restrict dst) {
+// Zero-padded copy of a band of rows of the valid input channels of one sample of group g: padded rows
+// [y0, y1) (padded coordinates: row y holds input row y - ph) of every valid channel, into dst[jv][y - y0][Wp]
+// with a channel stride of `plane`. Only used when padding > 0 (otherwise B is read from x in place). A column
+// block copies only the rows its output rows read: a 224 x 224 map is not copied whole for every block.
+void pad_band(const Problem& pb, const GroupInfo& gi, int64_t s, int64_t y0, int64_t y1, int64_t plane,
+              float* __restrict dst) {
   const ConvGeom& G = pb.geo;
   const int64_t* ipos = pb.in_pos.data() + gi.in_off;
-  const int64_t sstride = gi.kv * G.plane;
-  for (int64_t s = s0; s < s1; ++s) {
-    const float* xb = pb.x + pb.samples[gi.start + s] * G.Kin * G.HW;
-    float* d0 = dst + (s - s0) * sstride;
-    for (int64_t jv = 0; jv < gi.kv; ++jv) {
-      const float* src = xb + ipos[jv] * G.HW;
-      float* d = d0 + jv * G.plane;
-      std::memset(d, 0, sizeof(float) * G.ph * G.Wp);
-      d += G.ph * G.Wp;
-      for (int64_t y = 0; y < G.H; ++y, d += G.Wp, src += G.W) {
-        for (int64_t t = 0; t < G.pw; ++t) d[t] = 0.f;
-        std::memcpy(d + G.pw, src, sizeof(float) * G.W);
-        for (int64_t t = G.pw + G.W; t < G.Wp; ++t) d[t] = 0.f;
+  const float* xb = pb.x + pb.samples[gi.start + s] * G.Kin * G.HW;
+  for (int64_t jv = 0; jv < gi.kv; ++jv) {
+    const float* src = xb + ipos[jv] * G.HW;
+    float* d = dst + jv * plane;
+    for (int64_t y = y0; y < y1; ++y, d += G.Wp) {
+      const int64_t iy = y - G.ph;
+      if (iy < 0 || iy >= G.H) {
+        std::memset(d, 0, sizeof(float) * G.Wp);
+        continue;
       }
-      std::memset(d, 0, sizeof(float) * G.ph * G.Wp);
+      for (int64_t t = 0; t < G.pw; ++t) d[t] = 0.f;
+      std::memcpy(d + G.pw, src + iy * G.W, sizeof(float) * G.W);
+      for (int64_t t = G.pw + G.W; t < G.Wp; ++t) d[t] = 0.f;
     }
   }
+}
+
+// The padded rows [y0, y1) that the output pixels [p0, p1) of one sample read.
+inline void band_rows(const ConvGeom& G, int64_t p0, int64_t p1, int64_t& y0, int64_t& y1) {
+  y0 = (p0 / G.Wo) * G.sh;
+  y1 = ((p1 - 1) / G.Wo) * G.sh + (G.kh - 1) * G.dh + 1;
 }
 
 // bias + residual + ReLU, scatter the 16 x nr tile into out. cbase[n]: offset of column n in
@@ -359,30 +398,48 @@ void run_item(const Problem& pb, const WorkItem& it) {
     for (int64_t mt = it.m0; mt < it.m1; ++mt)
       pack_weight_tile(pb, gi, mt, abuf + (mt - it.m0) * tile_floats);
   }
-  // Offsets of the K im2col rows relative to a column's window origin.
+  // Offsets of the K im2col rows relative to a column's window origin: channel jv at jv * plane in a block's
+  // padded band copy, or at its position in x (no padding).
   int64_t* koff = tl_koff.get(static_cast<size_t>(std::max<int64_t>(K, 1)));
   const int64_t* ipos = pb.in_pos.data() + gi.in_off;
   const int64_t rowlen = G.padded ? G.Wp : G.W;
-  for (int64_t jv = 0; jv < gi.kv; ++jv) {
-    const int64_t cbase = (G.padded ? jv * G.plane : ipos[jv] * G.HW);
-    for (int64_t ky = 0; ky < G.kh; ++ky)
-      for (int64_t kx = 0; kx < G.kw; ++kx)
-        koff[(jv * G.kh + ky) * G.kw + kx] = cbase + ky * G.dh * rowlen + kx * G.dw;
-  }
-  const int64_t sstride = G.padded ? gi.kv * G.plane : G.Kin * G.HW;
+  auto set_koff = [&](int64_t plane) {
+    for (int64_t jv = 0; jv < gi.kv; ++jv) {
+      const int64_t cbase = (G.padded ? jv * plane : ipos[jv] * G.HW);
+      for (int64_t ky = 0; ky < G.kh; ++ky)
+        for (int64_t kx = 0; kx < G.kw; ++kx)
+          koff[(jv * G.kh + ky) * G.kw + kx] = cbase + ky * G.dh * rowlen + kx * G.dw;
+    }
+  };
+  if (!G.padded) set_koff(G.HW);
   const EpilogueFn epi = pick_epilogue(pb.residual != nullptr, pb.relu);
   alignas(64) float Ct[MR * NR];
   int64_t roff[MR];
   float bvals[MR];
   ColumnBuffer& cols = tl_cols;
+  int64_t band_y0[2] = {0, 0};  // first padded row of the band copy of the block's first / other samples
   for (int64_t cb = it.c0; cb < it.c1; cb += gi.nc) {
     const int64_t ce = std::min(cb + gi.nc, it.c1);
     const int64_t npanel = (ce - cb + NR - 1) / NR;
     const int64_t s0 = cb / G.P, s1 = (ce - 1) / G.P + 1;
     const float* src = nullptr;
+    int64_t sstride = G.Kin * G.HW;  // between samples in the B source
     if (G.padded) {
+      // one band per sample: the rows its output pixels of this block read (whole maps for samples inside)
+      int64_t y0 = 0, y1 = 0, hb = 0;
+      for (int64_t s = s0; s < s1; ++s) {
+        band_rows(G, s == s0 ? cb - s0 * G.P : 0, s == s1 - 1 ? ce - s * G.P : G.P, y0, y1);
+        hb = std::max(hb, y1 - y0);
+      }
+      const int64_t plane = hb * G.Wp;
+      sstride = gi.kv * plane;
       float* pbuf = tl_b_buf.get(static_cast<size_t>((s1 - s0) * sstride + 16));
-      pad_samples(pb, gi, s0, s1, pbuf);
+      for (int64_t s = s0; s < s1; ++s) {
+        band_rows(G, s == s0 ? cb - s0 * G.P : 0, s == s1 - 1 ? ce - s * G.P : G.P, y0, y1);
+        pad_band(pb, gi, s, y0, y1, plane, pbuf + (s - s0) * sstride);
+        band_y0[s == s0 ? 0 : 1] = y0;
+      }
+      set_koff(plane);
       src = pbuf;
     }
     // Per column: window origin in the B source and offset in out.
@@ -397,7 +454,8 @@ void run_item(const Problem& pb, const WorkItem& it) {
       int64_t oy = p / G.Wo, ox = p - oy * G.Wo;
       for (int64_t i = 0; i < ce - cb; ++i) {
         const int64_t b = pb.samples[gi.start + s];
-        const float* sb = G.padded ? src + (s - s0) * sstride : pb.x + b * sstride;
+        const float* sb = G.padded ? src + (s - s0) * sstride - band_y0[s == s0 ? 0 : 1] * rowlen
+                                   : pb.x + b * sstride;
         cols.ptr[i] = sb + oy * G.sh * rowlen + ox * G.sw;
         cols.base[i] = b * G.Kout * G.P + p;
         ++p;
