@@ -16,6 +16,7 @@ import gencnp_fast as g
 from gencnp_fast import models
 from gencnp_fast.plan import get_plan
 from gencnp_fast.plan.indices import small_map_eligible
+from gencnp_fast.plan import interpreter
 from gencnp_fast.plan.interpreter import small_map_weights
 from gencnp_fast.plan.sets import AllChannels
 from gencnp_fast.plan.steps import ConvStep
@@ -52,6 +53,13 @@ CASES = {  # name: (input H, W, model kwargs)
     "3x3_pad0_on_3x3": (3, 3, {"pad": 0}),  # 9 pixels = 9 taps: not eligible, stays 3x3
     "residual_on_2x2": (2, 2, {"residual": True}),
 }
+
+
+@pytest.fixture(autouse=True)
+def small_map_from_batch_one(monkeypatch):
+    """The path runs from batch 16 by default (below, the 3x3 taps read fewer weight bytes): these tiny-batch tests
+    take it from batch 1."""
+    monkeypatch.setattr(interpreter, "SMALL_MAP_MIN_BATCH", 1)
 
 
 def _model(kwargs, h, w):
@@ -125,3 +133,18 @@ def test_linear_map_equals_conv2d(h, w, stride, pad, dil):
     w2, b2 = small_map_weights(st)
     got = (x.reshape(3, -1) @ w2.reshape(w2.shape[0], -1).T + b2).reshape(want.shape)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_small_batches_keep_the_taps(monkeypatch):
+    """By default a batch below SMALL_MAP_MIN_BATCH keeps the 3x3 path (weight bytes, not FLOPs, bound it)."""
+    monkeypatch.setattr(interpreter, "SMALL_MAP_MIN_BATCH", 16)
+    h, w, kwargs = CASES["3x3_on_2x2"]
+    model = _model(kwargs, h, w)
+    for batch, used in [(4, False), (16, True)]:
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(2))
+        units = g.pathway_units(model, x)
+        pw = g.Pathway.random(units, 0.5, None, generator=torch.Generator().manual_seed(4))
+        out = g.fast_pathway_forward(model, pw, x)
+        torch.testing.assert_close(out, g.reference_pathway_forward(model, pw, x), rtol=1e-4, atol=1e-5)
+        c1 = next(st for st in _plan_steps(model, x, pw) if "c1" in st.name)
+        assert (c1.small_map is not None) is used

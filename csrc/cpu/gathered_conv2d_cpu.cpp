@@ -686,9 +686,15 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
                                const c10::optional<at::Tensor>& problems, int64_t max_group,
                                bool check_indices) {
   static const at::ScalarType kDtypes[] = {at::kFloat};
-  const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                                    padding, dilation, relu, problems, max_group, check_indices, kDtypes,
-                                                    c10::DeviceType::CPU);
+  GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
+                                              padding, dilation, relu, problems, max_group, check_indices, kDtypes,
+                                              c10::DeviceType::CPU);
+  if (p.kh == 1 && p.kw == 1 && p.ph == 0 && p.pw == 0 && (p.sh > 1 || p.sw > 1) && p.Ho * p.Wo >= 128) {
+    // A strided 1x1 conv (ResNet's downsample) reads one pixel in sh x sw: subsample the compacted input once
+    // (a quarter of it for stride 2) and run the stride-1 layer, which takes the pixel-vectorised path.
+    p.x = p.x.slice(2, 0, p.H, p.sh).slice(3, 0, p.W, p.sw).contiguous();
+    p.H = p.Ho, p.W = p.Wo, p.sh = p.sw = 1;
+  }
   auto out = at::empty({p.B, p.Kout, p.Ho, p.Wo}, p.x.options().memory_format(at::MemoryFormat::Contiguous));
   if (p.empty_output()) return out;
   Problem pb = describe(p, out);

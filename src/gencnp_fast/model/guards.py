@@ -16,7 +16,6 @@ bypasses the version counter, or a change made through another view of the same 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import weakref
 from typing import List, Tuple
 
@@ -46,6 +45,8 @@ class Fingerprint:
     structure: tuple  # (id, type) of every module, in walk order
     tensors: tuple  # (id, version, data_ptr) of every parameter and buffer
     hooked: bool  # a forward hook or pre-hook on some module, or a global one
+    training: object  # the first module found in training mode, or None
+    device: object  # the device of the first parameter, or None
 
 
 def fingerprint(model: nn.Module) -> Fingerprint:
@@ -53,17 +54,24 @@ def fingerprint(model: nn.Module) -> Fingerprint:
     this runs on every call)."""
     structure, tensors = [], []
     hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    training = device = None
     stack = [model]
     while stack:
         mod = stack.pop()
         structure.append((id(mod), type(mod)))
         if mod._forward_hooks or mod._forward_pre_hooks:
             hooked = True
-        for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
+        if mod.training and training is None:
+            training = mod
+        for t in mod._parameters.values():
+            if t is not None:
+                tensors.append((id(t), t._version, t.data_ptr()))
+                device = t.device if device is None else device
+        for t in mod._buffers.values():
             if t is not None:
                 tensors.append((id(t), t._version, t.data_ptr()))
         stack.extend(m for m in mod._modules.values() if m is not None)
-    return Fingerprint(tuple(structure), tuple(tensors), hooked)
+    return Fingerprint(tuple(structure), tuple(tensors), hooked, training, device)
 
 
 def hooked_modules(model: nn.Module) -> List[Tuple[str, str]]:

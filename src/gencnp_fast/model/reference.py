@@ -34,29 +34,27 @@ _UNITS_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[tuple, Lis
     weakref.WeakKeyDictionary())
 
 
-def check_model_and_input(model: nn.Module, x: torch.Tensor) -> None:
-    """Errors for a model in training mode or an input that is not a batch of images."""
+def check_model_and_input(model: nn.Module, x: torch.Tensor, fp: Optional[Fingerprint] = None) -> Fingerprint:
+    """Errors for a model in training mode or an input that is not a batch of images; returns the model's
+    :class:`~gencnp_fast.model.guards.Fingerprint` (``fp``: one the caller already has), whose walk it checks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    stack = [model]
-    while stack:  # a plain walk (this runs on every call); the module is named only when one is in training mode
-        m = stack.pop()
-        if m.training:
-            name = next((n for n, mod in model.named_modules() if mod is m), "")
-            raise ValueError(
-                f"the model is in training mode (module {name or type(model).__name__!r}); call model.eval() "
-                "first: pathways are defined for eval mode (BatchNorm uses running statistics)"
-            )
-        stack.extend(c for c in m._modules.values() if c is not None)
+    fp = fingerprint(model) if fp is None else fp
+    if fp.training is not None:  # named only on error: naming costs a named_modules walk
+        name = next((n for n, mod in model.named_modules() if mod is fp.training), "")
+        raise ValueError(
+            f"the model is in training mode (module {name or type(model).__name__!r}); call model.eval() "
+            "first: pathways are defined for eval mode (BatchNorm uses running statistics)"
+        )
     if x.dim() < 2:
         raise ValueError(f"x must be a batch [B, C, ...], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch")
-    p = next(iter(model.parameters()), None)
-    if p is not None and p.device != x.device:
-        raise ValueError(f"x is on {x.device}, the model's parameters are on {p.device}")
+    if fp.device is not None and fp.device != x.device:
+        raise ValueError(f"x is on {x.device}, the model's parameters are on {fp.device}")
+    return fp
 
 
 def cached_units(model: nn.Module, x: torch.Tensor, fp: Optional[Fingerprint] = None) -> List[Unit]:
@@ -178,8 +176,8 @@ def reference_pathway_forward(model: nn.Module, mask: Optional[MaskLike], x: tor
     Returns:
         The model's output on ``x`` with the pathway applied.
     """
-    check_model_and_input(model, x)
-    units = cached_units(model, x)
+    fp = check_model_and_input(model, x)
+    units = cached_units(model, x, fp)
     masks = normalize_masks(units, mask, x)
 
     return _run_with_unit_hook(model, units, x, lambda unit, y: _apply_mask(y, masks.get(unit.name)))
@@ -191,8 +189,8 @@ def capture_units(model: nn.Module, x: torch.Tensor, mask: Optional[MaskLike] = 
     The captured feature maps are the masked unit outputs (the dense ones when ``mask`` is ``None``); autograd
     flows through them, so they can feed a generator or a gradient-based explanation.
     """
-    check_model_and_input(model, x)
-    units = cached_units(model, x)
+    fp = check_model_and_input(model, x)
+    units = cached_units(model, x, fp)
     masks = normalize_masks(units, mask, x)
     feats: Dict[str, torch.Tensor] = {}
 
@@ -211,8 +209,8 @@ def soft_pathway_forward(model: nn.Module, scores: Dict[str, torch.Tensor], x: t
     The differentiable relaxation used to train pathway generators and gates: gradients flow to ``scores``
     (and to ``x``). Values are not checked to be binary; names and shapes are.
     """
-    check_model_and_input(model, x)
-    units = cached_units(model, x)
+    fp = check_model_and_input(model, x)
+    units = cached_units(model, x, fp)
     by_name = {u.name: u for u in units}
     for name, s in scores.items():
         u = by_name.get(name)

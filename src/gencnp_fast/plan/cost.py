@@ -56,9 +56,9 @@ def pathway_flops(model: nn.Module, mask: Optional[MaskLike], x: torch.Tensor) -
     ``dense_macs``, ``pathway_macs``, ``ideal_flop_ratio``, ``dense_bytes``, ``pathway_bytes``, ``ideal_bytes_ratio``
     (bytes = weights read + activations read and written, float32).
     """
-    check_model_and_input(model, x)
-    masks = normalize_masks(cached_units(model, x), mask, x)
-    plan = get_plan(model, x, frozenset(masks))
+    fp = check_model_and_input(model, x)
+    masks = normalize_masks(cached_units(model, x, fp), mask, x)
+    plan = get_plan(model, x, frozenset(masks), fp)
     b = x.shape[0]
     ix = plan_run(plan, masks_to_host(masks), b, torch.device("cpu"))
     layers: List[Dict[str, float]] = []

@@ -11,7 +11,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..model.guards import fingerprint
 from ..model.pathway import MaskLike, normalize_masks
 from ..model.reference import cached_units, capture_units, check_model_and_input, reference_pathway_forward
 from ..model.units import UnsupportedModelError
@@ -38,12 +37,11 @@ def fast_pathway_forward(
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"reference"`` (and ``"cuda"``, ``"triton"`` on a GPU); see
             :mod:`gencnp_fast.plan.backends`.
     """
-    check_model_and_input(model, x)
+    fp = check_model_and_input(model, x)  # one walk: mode, device, the guards of the caches, forward hooks
     backend = pick_backend(backend, x)
     if backend == "reference":
         with torch.no_grad():
             return reference_pathway_forward(model, mask, x)
-    fp = fingerprint(model)  # one walk: the guards of the units and plan caches, forward hooks
     masks = normalize_masks(cached_units(model, x, fp), mask, x)
     plan = get_plan(model, x, frozenset(masks), fp)  # compiled (and cached) first: unsupported layers named here
     host_masks = masks_to_host(masks)  # on a GPU: one copy, one synchronisation; every decision reads this copy
@@ -60,8 +58,7 @@ def dense_capture(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Dict
     pooling; no autograd). The same values as :func:`~gencnp_fast.model.capture_units` without a mask (float32:
     relative error ~1e-6), cheaper than the hooked forward; the hooked forward runs where the plan cannot (a dtype
     other than float32, an unsupported model, forward hooks on the model, no compiled extension)."""
-    check_model_and_input(model, x)
-    fp = fingerprint(model)
+    fp = check_model_and_input(model, x)
     units = cached_units(model, x, fp)
     try:
         if x.dtype != torch.float32 or extension_error():

@@ -167,18 +167,28 @@ def masks_to_host(masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def plan_run(plan: Plan, host_masks: Dict[str, torch.Tensor], batch: int, device: torch.device) -> RunIndices:
     """Every index list of one run of ``plan``: planned on the host from ``host_masks`` (bool, CPU; see
-    :func:`masks_to_host`), sent to ``device`` in one asynchronous copy per buffer."""
+    :func:`masks_to_host`), sent to ``device`` in one asynchronous copy per buffer; the previous run's answer when
+    the masks are the same."""
     req = run_requests(plan)
     masks = []
     for name in req.mask_names:
         m = host_masks[name]
         m = m.unsqueeze(0) if m.dim() == 1 else m
         masks.append(m.contiguous().view(torch.uint8))
+    # The same masks as the plan's previous run (a class pathway applied batch after batch, a benchmark): its
+    # indices again. Compared exactly, on the host copy: a few microseconds against the planning.
+    key = torch.cat([m.reshape(-1) for m in masks]) if masks else None
+    last = plan.last_run
+    if (last is not None and last[0] == batch and last[1] == device and last[2] == [tuple(m.shape) for m in masks]
+            and (key is None or torch.equal(last[3], key))):
+        return last[4]
     planned = compiled().plan_run_indices(req.program, masks, batch, device.type == "cuda")
     bufs = [planned.i32, planned.i64, planned.u8]
     if device.type != "cpu":
         bufs = [t.to(device, non_blocking=True) for t in bufs]
-    return _views(req, planned, *bufs, batch=batch, device=device)
+    indices = _views(req, planned, *bufs, batch=batch, device=device)
+    plan.last_run = (batch, device, [tuple(m.shape) for m in masks], key, indices)
+    return indices
 
 
 def _views(req: RunRequests, planned, i32: torch.Tensor, i64: torch.Tensor, u8: torch.Tensor, batch: int,

@@ -91,3 +91,4 @@ class Plan:
     output_dense_shape: Tuple[int, ...]
     unit_slots: Dict[str, str] = dataclasses.field(default_factory=dict)  # unit name -> value slot of its output
     run_program: object = None  # indices.RunRequests: what a run needs planned (built on first use)
+    last_run: object = None  # indices.plan_run: the masks of the previous run and its indices
