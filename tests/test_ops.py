@@ -205,14 +205,16 @@ def test_large_maps(backend, sharing, k, stride, padding, dilation):
 
 
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("Kin,H,W,residual", [(16, 13, 10, True), (64, 16, 16, False), (128, 12, 11, True),
-                                             (7, 40, 33, True)])
-def test_pointwise_layers(backend, sharing, Kin, H, W, residual):
-    """1x1 stride-1 convs on maps of 128+ pixels (the CPU kernel's pixel-vectorised path): ragged 16-pixel tiles
-    at the end of every sample, tiles of several samples in one block, empty and full rows."""
+@pytest.mark.parametrize("Kin,H,W,stride,residual", [(16, 13, 10, 1, True), (64, 16, 16, 1, False),
+                                                    (128, 12, 11, 1, True), (7, 40, 33, 1, True),
+                                                    (24, 33, 29, 2, True), (12, 26, 40, (2, 3), False)])
+def test_pointwise_layers(backend, sharing, Kin, H, W, stride, residual):
+    """1x1 convs on maps of 128+ output pixels (the CPU kernel's pixel-vectorised path; a strided one subsamples
+    its input first): ragged 16-pixel tiles at the end of every sample, tiles of several samples in one block,
+    empty and full rows."""
     if interpreted(backend):
         pytest.skip("too large for the interpreter (runs on a GPU)")
-    check(backend, problem(5, Kin + 9, 40, Kin, 36, H, W, 1, sharing, padding=0, residual=residual,
+    check(backend, problem(5, Kin + 9, 40, Kin, 36, H, W, 1, sharing, stride=stride, padding=0, residual=residual,
                            seed=Kin * H + W))
 
 
