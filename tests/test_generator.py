@@ -162,3 +162,27 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(tmp_path):
         GenCNP.load(foreign, target)
     with pytest.raises(ValueError, match="does not exist"):
         GenCNP.load(tmp_path / "missing.pt", target)
+
+
+def test_inference_path_matches_the_autograd_path():
+    """Without autograd the generator runs its units batched (the GRU recurrences in one call each, the per-unit
+    embeddings and heads as one baddbmm over a cached, zero-padded weight stack): the same scores and masks as the
+    per-unit path it takes for training, also after the weights change (the stack is rebuilt)."""
+    torch.manual_seed(0)
+    target = tiny_vgg()
+    x = torch.randn(5, 1, 28, 28)
+    gen = GenCNP(target, x[:1], d=16, code_dim=8).eval()
+    logits, feats = capture_units(target, x)
+    feats = {k: v.detach() for k, v in feats.items()}
+    for step in range(2):
+        with torch.enable_grad():
+            a = gen.from_features(feats, logits.detach(), "hard")
+        with torch.no_grad():
+            b = gen.from_features(feats, logits.detach(), "hard")
+        for n in gen.unit_names:
+            torch.testing.assert_close(b.scores[n], a.scores[n].detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(b.pathway[n], a.pathway[n])
+        torch.testing.assert_close(b.code, a.code.detach(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # an optimizer step's in-place update: the cached stacks must follow
+            gen.rpd.heads[0].weight.add_(0.5)
+            gen.rfe.embed[1].proj.bias.sub_(0.25)

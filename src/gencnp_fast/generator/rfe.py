@@ -10,10 +10,43 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+import torch.nn.functional as F
+
 import torch
 import torch.nn as nn
 
-__all__ = ["UnitEmbedding", "RecursiveFeatureEmbedder", "pool_feature"]
+__all__ = ["UnitEmbedding", "RecursiveFeatureEmbedder", "pool_feature", "run_gru_cell", "stacked_linears"]
+
+
+def stacked_linears(owner: nn.Module, linears: Sequence[nn.Linear]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(W [L, in_max, out_max], b [L, 1, out_max])``: the ``L`` linear maps of different sizes as one zero-padded
+    stack, for ``torch.baddbmm`` over units at inference (one call instead of L). Cached on ``owner`` and rebuilt
+    when any of their parameters changes (identity, version or storage)."""
+    key = tuple((id(p), p._version, p.data_ptr()) for lin in linears for p in (lin.weight, lin.bias) if p is not None)
+    hit = getattr(owner, "_stacked_linears", None)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    n_in = max(lin.in_features for lin in linears)
+    n_out = max(lin.out_features for lin in linears)
+    ref = linears[0].weight
+    w = ref.new_zeros(len(linears), n_in, n_out)
+    b = ref.new_zeros(len(linears), 1, n_out)
+    with torch.no_grad():
+        for l, lin in enumerate(linears):
+            w[l, : lin.in_features, : lin.out_features] = lin.weight.t()
+            if lin.bias is not None:
+                b[l, 0, : lin.out_features] = lin.bias
+    object.__setattr__(owner, "_stacked_linears", (key, w, b))
+    return w, b
+
+
+def run_gru_cell(cell: nn.GRUCell, inputs: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The states ``h_t = cell(inputs[t], h_{t-1})`` for every t of ``inputs`` ``[T, B, in]``, stacked ``[T, B, d]``:
+    the GRU cell's recurrence in one call of torch's sequence GRU (the kernel behind ``nn.GRU``) with the cell's
+    own parameters, instead of T calls of a dozen small ops each (the cost of a batch-1 explanation)."""
+    params = [cell.weight_ih, cell.weight_hh] + ([cell.bias_ih, cell.bias_hh] if cell.bias else [])
+    out, _ = torch._VF.gru(inputs, h0.unsqueeze(0), params, cell.bias, 1, 0.0, cell.training, False, False)
+    return out
 
 
 def pool_feature(f: torch.Tensor) -> torch.Tensor:
@@ -56,10 +89,21 @@ class RecursiveFeatureEmbedder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         if len(features) != len(self.embed):
             raise ValueError(f"expected {len(self.embed)} feature maps, got {len(features)}")
-        e = [emb(f) for emb, f in zip(self.embed, features)]
-        h_prev = e[0].new_zeros(e[0].shape[0], self.d)
-        h = []
-        for e_l in e:
-            h_prev = self.cell(e_l, h_prev)
-            h.append(h_prev)
-        return e, h
+        if torch.is_grad_enabled():
+            e = torch.stack([emb(f) for emb, f in zip(self.embed, features)], 0)
+        else:  # inference: every unit's projection in one batched product, one LayerNorm
+            e = self._embed_stacked(features)
+        h = run_gru_cell(self.cell, e, e.new_zeros(e.shape[1], self.d))
+        return list(e.unbind(0)), list(h.unbind(0))
+
+    def _embed_stacked(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[L, B, d]``: the embeddings of :meth:`forward` without autograd, the L linear maps as one baddbmm."""
+        w, b = stacked_linears(self, [emb.proj for emb in self.embed])
+        pooled = features[0].new_zeros(len(features), features[0].shape[0], w.shape[1])
+        for l, f in enumerate(features):
+            p = pool_feature(f)
+            pooled[l, :, : p.shape[1]] = p
+        e = F.layer_norm(torch.baddbmm(b, pooled, w), (self.d,), eps=self.embed[0].norm.eps)
+        gamma = torch.stack([emb.norm.weight for emb in self.embed]).unsqueeze(1)
+        beta = torch.stack([emb.norm.bias for emb in self.embed]).unsqueeze(1)
+        return torch.addcmul(beta, e, gamma)

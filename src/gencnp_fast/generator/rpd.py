@@ -15,6 +15,8 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
+from .rfe import run_gru_cell, stacked_linears
+
 __all__ = ["RecursivePathwayDecoder"]
 
 
@@ -33,9 +35,12 @@ class RecursivePathwayDecoder(nn.Module):
     def forward(self, c: torch.Tensor, e: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if len(e) != len(self.heads):
             raise ValueError(f"expected {len(self.heads)} unit embeddings, got {len(e)}")
-        g = torch.tanh(self.init(c))
-        scores: List[torch.Tensor] = [None] * len(e)  # type: ignore[list-item]
-        for l in range(len(e) - 1, -1, -1):
-            g = self.cell(torch.cat([c, e[l]], 1), g)
-            scores[l] = torch.sigmoid(self.heads[l](g))
-        return scores
+        g0 = torch.tanh(self.init(c))
+        # deep -> shallow: the recurrence runs over the units in reverse order, in one call
+        inputs = torch.stack([torch.cat([c, e[l]], 1) for l in range(len(e) - 1, -1, -1)], 0)
+        g = run_gru_cell(self.cell, inputs, g0).flip(0)  # back to unit order
+        if torch.is_grad_enabled():
+            return [torch.sigmoid(head(g[l])) for l, head in enumerate(self.heads)]
+        w, b = stacked_linears(self, list(self.heads))  # inference: every head in one batched product
+        s = torch.sigmoid(torch.baddbmm(b, g, w))
+        return [s[l, :, : head.out_features] for l, head in enumerate(self.heads)]
