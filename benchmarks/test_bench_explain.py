@@ -77,3 +77,39 @@ def test_explain_cost(benchmark, record_explainer, paired, name):
     record_explainer(name, BATCH, "gencnp", benchmark)
     for k in others:
         record_explainer(name, BATCH, k, extra[f"paired_{k}"])
+
+
+def _sparse_generator(model, x, density: float = 0.2) -> GenCNP:
+    """A GenCNP whose decoder heads keep about ``density`` of each unit's channels (random weights otherwise): the
+    pathway forward then skips what a trained generator's would."""
+    gen = GenCNP(model, x[:1]).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for head in gen.rpd.heads:
+            head.bias.copy_(torch.where(torch.rand(head.out_features, generator=g) < density, 4.0, -4.0))
+    return gen
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("name", MODELS)
+def test_explain_with_pathway_forward(benchmark, record_explainer, paired, name, batch):
+    """One explanation as a user gets it: dense capture + generator + the pathway's fast forward (the explained
+    logits), at batch 1 (an image at a time) and batch 256; paired with the target's dense forward each round."""
+    from gencnp_fast import fast_pathway_forward
+
+    model = target(name)
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+    gen = _sparse_generator(model, x)
+    assert 0.1 < gen.explain(x).density() < 0.35
+
+    def explain():
+        with torch.no_grad():
+            return fast_pathway_forward(model, gen(x, mode="hard").pathway, x)
+
+    def dense():
+        with torch.no_grad():
+            return model(x)
+
+    extra = paired(benchmark, explain, {"dense": dense}, rounds=101 if batch == 1 else 9)
+    record_explainer(name, batch, "gencnp_full", benchmark)
+    record_explainer(name, batch, "dense", extra["paired_dense"])
