@@ -340,7 +340,8 @@ def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2
             train_x=None if tr is None else tr.x, train_y=None if tr is None else tr.y,
             gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), config=SuiteConfig(quick=quick),
             gencnp_scores=scores, pathway_fn=lambda _m, x: gen.explain(x), log=None if quiet else print,
-            class_names=class_names,
+            class_names=class_names, gencnp_timing={k: v for k, v in res.metrics["gencnp"].items()
+                                                    if k.startswith(("explain_", "dense_ms"))},
         )
         res.metrics["baselines"] = suite["baselines"]
         res.metrics["transfer"] = suite["transfer"]

@@ -528,7 +528,7 @@ def evaluate_sharded(target: nn.Module, gen, test, batch_size: int = 256, backen
     the full :class:`~gencnp_fast.explain.ExplainResult`; timing (if asked) is rank 0's batches only."""
     from .data import check_labels
     from .evaluation.metrics import confidence_sums, density_stats, finish_confidence
-    from .explain import ExplainResult, time_explain
+    from .explain import ExplainResult, explain_timings
     from .model.pathway import Pathway
 
     from .data import check_finite
@@ -556,7 +556,7 @@ def evaluate_sharded(target: nn.Module, gen, test, batch_size: int = 256, backen
     g.update(_class_iou_sharded(flatten_pathway(pathway, gen.unit_names), test.y, gen.num_classes))
     if timing:
         mine = torch.cat([test.x[i:j] for i, j in lo]) if lo else test.x[:0]
-        t = time_explain(gen, mine.to(device()), batch_size, backend, repeats) if is_main() and len(mine) else None
+        t = explain_timings(gen, mine.to(device()), batch_size, backend, repeats) if is_main() and len(mine) else None
         g.update(broadcast_object(t) or {})
     metrics = {"target": {"accuracy": v[4] / max(tot["n"], 1.0), "n_test": n}, "gencnp": g}
     full_all, path_all = _gather_all(full, n, batch_size), _gather_all(path, n, batch_size)

@@ -32,6 +32,7 @@ __all__ = [
     "ExplainResult",
     "explain_batched",
     "time_explain",
+    "explain_timings",
     "pathway_metrics",
     "evaluate_gencnp",
     "save_pathways",
@@ -129,6 +130,17 @@ def time_explain(gen: GenCNP, x: torch.Tensor, batch_size: int = 256, backend: s
             "explain_cost_ratio": t_explain / t_dense}
 
 
+def explain_timings(gen: GenCNP, x: torch.Tensor, batch_size: int = 256, backend: str = "auto",
+                    repeats: int = 5, single: int = 32) -> Dict[str, float]:
+    """:func:`time_explain` batched (``batch_size``) and one image at a time (the first ``single`` images, the keys
+    suffixed ``_b1``): what explaining costs in dense forwards of the target, both ways."""
+    out = time_explain(gen, x, batch_size, backend, repeats)
+    if single > 0 and len(x):
+        b1 = time_explain(gen, x[:single], 1, backend, max(1, repeats // 2))
+        out.update({f"{k}_b1": v for k, v in b1.items()})
+    return out
+
+
 def pathway_metrics(full_logits: torch.Tensor, path_logits: torch.Tensor, pathway, y: torch.Tensor,
                     units: Sequence[str], num_classes: Optional[int] = None) -> Dict[str, object]:
     """The docs/design.md §5 metrics of per-sample pathways: fidelity, mDC, mIC, density (mean, std, per unit), acIOU and
@@ -154,7 +166,7 @@ def evaluate_gencnp(target: nn.Module, gen: GenCNP, test: ImageData, batch_size:
     acc = float((full.argmax(1) == test.y).double().mean())
     g = pathway_metrics(full, path, pathway, test.y, gen.unit_names, gen.num_classes)
     if timing:
-        g.update(time_explain(gen, test.x, batch_size, backend, repeats))
+        g.update(explain_timings(gen, test.x, batch_size, backend, repeats))
     metrics = {"target": {"accuracy": acc, "n_test": len(test)}, "gencnp": g}
     return ExplainResult(metrics, target, gen, test, pathway, full, path)
 
