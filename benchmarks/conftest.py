@@ -10,6 +10,7 @@ bytes-based bound (docs/design.md §6). ``--save-results NAME`` writes the table
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -216,11 +217,18 @@ _EXPLAIN_LEGEND = ("Explanation cost per image (medians of interleaved rounds, o
                    "explained logits); neuron_mct / cdrp = the baselines' binary pathways (CDRP: 30 SGD steps). gencnp_vs_X = X_ms / gencnp_ms; *_in_dense_fwds = cost / dense forward.")
 
 
+def _cell(value, fmt: str) -> str:
+    """A table cell; a value not measured in this case (NaN) is shown as a dash."""
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    return fmt.format(value)
+
+
 def _table(rows, cols=None) -> str:
     cols = cols or _COLS
     head = "| " + " | ".join(c for c, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(f.format(r[c]) for c, f in cols) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r[c], f) for c, f in cols) + " |" for r in rows]
     return "\n".join([head, sep] + body)
 
 
@@ -231,6 +239,17 @@ def _sections(rows, erows) -> List[str]:
     if erows:
         sections += [_EXPLAIN_LEGEND, "", _table(erows, _EXPLAIN_COLS), ""]
     return sections
+
+
+def _json_safe(obj):
+    """Strict JSON: a value not measured in this case (NaN) is written as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _write_snapshot(config, rows, erows, partial: bool = False) -> Optional[Path]:
@@ -250,7 +269,7 @@ def _write_snapshot(config, rows, erows, partial: bool = False) -> Optional[Path
         data["rows"] = rows
     if erows:
         data["explain_rows"] = erows
-    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
     return out / f"{name}.md"
 
 
