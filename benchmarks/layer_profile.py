@@ -27,26 +27,8 @@ from gencnp_fast.plan import get_plan
 from gencnp_fast.plan.backends import conv_backend
 from gencnp_fast.plan.cost import pathway_flops
 from gencnp_fast.plan.indices import masks_to_host, plan_run
-from gencnp_fast.plan.interpreter import _conv_step, _remap_step
-from gencnp_fast.plan.steps import ChannelwiseStep, ConvStep, FlattenStep
-
-
-def _timed_run(plan, indices, x, conv, times: Dict[int, List[float]]) -> None:
-    b = x.shape[0]
-    env = {plan.input_slot: x}
-    for i, st in enumerate(plan.steps):
-        src = env[st.src]
-        t0 = time.perf_counter()
-        if isinstance(st, ConvStep):
-            y = _conv_step(st, src, env, indices, conv)
-        elif isinstance(st, ChannelwiseStep):
-            y = src.new_zeros((b, 0) + tuple(st.out_shape[1:])) if src.shape[1] == 0 else st.fn(src)
-        elif isinstance(st, FlattenStep):
-            y = src.reshape(b, -1)
-        else:
-            y = _remap_step(st, src, env, indices)
-        times.setdefault(i, []).append(time.perf_counter() - t0)
-        env[st.dst] = y
+from gencnp_fast.plan.interpreter import run_plan
+from gencnp_fast.plan.steps import ConvStep
 
 
 def _dense_layer_ms(st: ConvStep, batch: int, rounds: int) -> float:
@@ -97,7 +79,7 @@ def main() -> None:
             t1 = time.perf_counter()
             indices = plan_run(plan, masks_to_host(masks), args.batch, x.device)
             t2 = time.perf_counter()
-            _timed_run(plan, indices, x, conv, times)
+            run_plan(plan, indices, x, conv, step_seconds=times)
             t3 = time.perf_counter()
             if r:
                 dense_ms.append(1e3 * (t1 - t0))

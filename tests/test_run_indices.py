@@ -161,6 +161,21 @@ def test_forward_with_either_planner(name, sharing):
     assert rel_err(compiled, ref) <= 1e-4
 
 
+def test_step_seconds_times_every_step_without_changing_the_result():
+    """``run_plan(step_seconds=...)`` (the layer profiler) records one time per step per run and returns the same
+    logits as an untimed run."""
+    model, x, masks, plan = _setup("resnet_basic", 3, "per_sample", seed=4)
+    conv = conv_backend("cpu")
+    times = {}
+    with torch.no_grad():
+        plain = run_plan(plan, plan_run(plan, masks, 3, x.device), x, conv)
+        for _ in range(2):
+            timed = run_plan(plan, plan_run(plan, masks, 3, x.device), x, conv, step_seconds=times)
+    assert torch.equal(plain, timed)
+    assert sorted(times) == list(range(len(plan.steps)))
+    assert all(len(v) == 2 and min(v) >= 0.0 for v in times.values())
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("sharing", ["per_sample", "mixed"])
 def test_indices_sent_to_the_gpu(sharing):

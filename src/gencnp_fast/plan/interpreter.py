@@ -7,7 +7,8 @@ every decision that depends on the masks was taken by the index planning (:mod:`
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,13 +95,17 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
 
 
 def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[ConvFn],
-             env_out: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+             env_out: Optional[Dict[str, torch.Tensor]] = None,
+             step_seconds: Optional[Dict[int, List[float]]] = None) -> torch.Tensor:
     """Run ``plan`` on ``x`` with the run's ``indices`` (:func:`~gencnp_fast.plan.indices.plan_run`, or the tests'
-    oracle planner) and the conv backend ``conv``; with ``env_out`` (a dict) every value slot is left in it."""
+    oracle planner) and the conv backend ``conv``; with ``env_out`` (a dict) every value slot is left in it, and
+    with ``step_seconds`` (a dict) each step's wall time is appended under its index (``benchmarks/layer_profile.py``;
+    on a GPU the times are launch times unless the caller synchronises)."""
     b = x.shape[0]
     env: Dict[str, torch.Tensor] = {plan.input_slot: x}
-    for st in plan.steps:
+    for i, st in enumerate(plan.steps):
         src = env[st.src]
+        t0 = time.perf_counter() if step_seconds is not None else 0.0
         if isinstance(st, ConvStep):
             y = _conv_step(st, src, env, indices, conv)
         elif isinstance(st, ChannelwiseStep):
@@ -109,6 +114,8 @@ def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[Co
             y = src.reshape(b, -1)
         else:
             y = _remap_step(st, src, env, indices)
+        if step_seconds is not None:
+            step_seconds.setdefault(i, []).append(time.perf_counter() - t0)
         env[st.dst] = y
     if env_out is not None:
         env_out.update(env)
