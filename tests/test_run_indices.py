@@ -212,6 +212,10 @@ def test_program_and_results_are_named():
     (lambda p, m: (p.add_conv_groups(0, 9), [m]), "names set"),
     (lambda p, m: (p.add_unit_set(0), [m.float()]), "uint8"),
     (lambda p, m: (p.add_unit_set(0), [m[:2]]), "rows, batch is 3"),
+    # sizes whose products would overflow int32 indices are refused before anything is allocated
+    (lambda p, m: (p.add_all_set(2**31), [m]), "2147483648 channels"),
+    (lambda p, m: (p.add_flat_set(0, 2**31), [m]), "spatial < 2\\^31"),
+    (lambda p, m: (p.add_flat_set(0, 2**30), [m]), "more than int32 indices hold"),
 ])
 def test_bad_programs_are_refused(bad, match):
     prog = _C.RunProgram()
@@ -220,3 +224,10 @@ def test_bad_programs_are_refused(bad, match):
     _, masks = bad(prog, m)
     with pytest.raises(RuntimeError, match=match):
         _C.plan_run_indices(prog, masks, 3, False)
+
+
+def test_batch_beyond_int32_is_refused():
+    prog = _C.RunProgram()
+    prog.add_unit_set(0)
+    with pytest.raises(RuntimeError, match="batch must be in"):
+        _C.plan_run_indices(prog, [torch.ones(3, 4, dtype=torch.uint8)], 2**31, False)
