@@ -319,3 +319,90 @@ def paired():
 def baselines():
     """:func:`pathway_baselines`: the reference (and dense model) a fast-path case is timed against."""
     return pathway_baselines
+
+
+# Explain throughput (benchmarks/test_bench_throughput.py) --------------------------------------------------------
+# A table of its own, added beside the ones above (which are left as they are): (device, model, batch) -> one row.
+THROUGHPUT: Dict[tuple, Dict[str, object]] = {}
+
+_THROUGHPUT_COLS = [("device", "{}"), ("model", "{}"), ("batch", "{}"), ("threads", "{}"), ("backend", "{}"),
+                    ("density", "{:.3f}"), ("sample_iou", "{:.2f}"), ("rounds", "{}"), ("dense_ips", "{:.1f}"),
+                    ("explain_ips", "{:.1f}"), ("evaluate_ips", "{:.1f}"), ("explain_vs_dense", "{:.3f}"),
+                    ("evaluate_vs_dense", "{:.3f}"), ("must_reach", "{:.2f}"), ("meets", "{}")]
+_THROUGHPUT_LEGEND = ("Explain throughput at 224x224 (images/s = batch / median seconds per batch of interleaved "
+                      "rounds): dense = target(x); explain = explain_batch (dense capture + GEN-CNP generator + "
+                      "fast_pathway_forward); evaluate = explain + confidence_sums + PackedPathways.append. "
+                      "X_vs_dense = median over rounds of dense seconds / X seconds (= X images/s relative to dense); "
+                      "must_reach = the issue's floor of explain_vs_dense; density = kept fraction of the calibrated "
+                      "generator's hard masks; sample_iou = mean IoU of two samples' masks (1: one shared mask).")
+
+
+def record_throughput(device: str, model: str, batch: int, **row) -> Dict[str, object]:
+    """Store one throughput row (see :data:`_THROUGHPUT_COLS`; a column not given is shown as a dash), rewrite the
+    partial snapshot, and return the machine (:func:`machine`, taken once per session)."""
+    THROUGHPUT[(device, model, batch)] = dict(device=device, model=model, batch=batch, **row)
+    _SESSION.setdefault("machine", machine())
+    _write_throughput(partial=True)
+    return _SESSION["machine"]
+
+
+def _throughput_rows() -> List[Dict[str, object]]:
+    nan = float("nan")
+    return [{c: r.get(c, nan) if r.get(c) is not None else nan for c, _ in _THROUGHPUT_COLS}
+            for _, r in sorted(THROUGHPUT.items(), key=lambda kv: tuple(str(k) for k in kv[0]))]
+
+
+def _write_throughput(partial: bool) -> Optional[Path]:
+    """``--save-results NAME``: ``results/NAME.{md,json}`` when only the throughput benchmark ran, else
+    ``results/NAME_throughput.{md,json}`` (NAME.md then belongs to the tables above)."""
+    config = _SESSION.get("config")
+    name = config.getoption("--save-results", default=None) if config is not None else None
+    if not name or not THROUGHPUT:
+        return None
+    stem = name if _SESSION.get("throughput_alone", True) else f"{name}_throughput"
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    m = _SESSION.get("machine") or machine()
+    _SESSION["machine"] = m
+    cmd = "pytest " + " ".join(config.invocation_params.args)
+    rows = _throughput_rows()
+    status = ["", "(partial: written after each case; the run has not finished)"] if partial else []
+    md = [f"# {stem}", "", f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in m.items())]
+    md += status + ["", _THROUGHPUT_LEGEND, "", _table(rows, _THROUGHPUT_COLS), ""]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    data = {"command": cmd, "machine": m, "complete": not partial, "throughput_rows": rows}
+    (out / f"{stem}.json").write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
+    return out / f"{stem}.md"
+
+
+class _ThroughputReport:
+    """The throughput table's terminal summary and final snapshot (a plugin object: the hooks above stay as they
+    are)."""
+
+    def pytest_collection_finish(self, session):
+        _SESSION["throughput_alone"] = all("test_bench_throughput" in item.nodeid for item in session.items)
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if not THROUGHPUT:
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "explain throughput at 224x224: images/s (medians of interleaved rounds)")
+        tr.write_line(_THROUGHPUT_LEGEND)
+        tr.write_line(_table(_throughput_rows(), _THROUGHPUT_COLS))
+        for r in THROUGHPUT.values():
+            if r.get("note"):
+                tr.write_line(f"{r['device']} {r['model']} b{r['batch']}: {r['note']}")
+        path = _write_throughput(partial=False)
+        if path is not None:
+            tr.write_line(f"saved {path} and .json")
+
+
+def pytest_sessionstart(session):
+    if not session.config.pluginmanager.has_plugin("gencnp_throughput_report"):
+        session.config.pluginmanager.register(_ThroughputReport(), "gencnp_throughput_report")
+
+
+@pytest.fixture
+def record_throughput_row():
+    """:func:`record_throughput`: one row of the explain-throughput table."""
+    return record_throughput

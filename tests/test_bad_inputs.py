@@ -274,12 +274,17 @@ def test_pathways_files_that_do_not_fit(files, capsys, tmp_path):
     ok(capsys, ["explain", "--target", files / "t.pt", "--generator", files / "g.pt", "--out", tmp_path / "ex"]
        + common(files))
     p = torch.load(tmp_path / "ex" / "pathways.pt", weights_only=True)
-    first = p["units"][0]
-    renamed = dict(p, units=["no_such_unit"] + p["units"][1:],
-                   pathway={("no_such_unit" if k == first else k): v for k, v in p["pathway"].items()})
+    units = ["no_such_unit"] + p["units"][1:]
+    renamed = dict(p, units=units, packed=dict(p["packed"], units=units))
+    packed = p["packed"]
     cases = {"unit.pt": (renamed, "no_such_unit"), "int.pt": (dict(p, x=(p["x"] * 255).long()), "torch.float32"),
              "f64.pt": (dict(p, x=p["x"].double()), "torch.float32"), "nokey.pt": ({"x": p["x"]}, "pathways file"),
-             "labels.pt": (dict(p, y=p["y"] + 20), "10 classes")}
+             "labels.pt": (dict(p, y=p["y"] + 20), "10 classes"),
+             "units.pt": (dict(p, units=p["units"][::-1]), "differ from the packed"),
+             "ids.pt": (dict(p, ids=p["ids"][:-1]), "'ids' must be"),
+             "rows.pt": (dict(p, x_rows=p["x_rows"] + 10_000), "'x_rows' must be"),
+             "bits.pt": (dict(p, packed=dict(packed, bits=packed["bits"][:, :-1])), "'bits' has shape"),
+             "nox.pt": (dict(p, x=p["x"][:0], x_rows=p["x_rows"][:0]), "--save-inputs")}
     for name, (obj, word) in cases.items():
         torch.save(obj, tmp_path / name)
         fails(capsys, ["evaluate", "--target", files / "t.pt", "--pathways", tmp_path / name], name, word)

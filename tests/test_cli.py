@@ -10,7 +10,7 @@ import torch
 
 from gencnp_fast.cli import main
 from gencnp_fast.data import mnist_split
-from gencnp_fast.explain import recompute_metrics
+from gencnp_fast.explain import load_pathways, recompute_metrics
 from gencnp_fast.models import mnist_resnet
 from gencnp_fast.target import load_target, save_target
 
@@ -36,8 +36,10 @@ def test_demo_writes_everything(demo_dir):
     assert saved["format"] == "gencnp_fast.target/1" and saved["spec"]["factory"] == "mnist_vgg"
     target = load_target(str(demo_dir / "target_model.pt"))
     assert type(target).__module__ == "gencnp_fast.models" and not target.training
-    p = torch.load(demo_dir / "pathways.pt", weights_only=True)
-    assert p["x"].shape == (100, 1, 28, 28) and p["y"].shape == (100,)
+    raw = torch.load(demo_dir / "pathways.pt", weights_only=True)  # format 2: packed pathways, every input here
+    assert raw["format"] == "gencnp_fast.pathways/2" and raw["packed"]["bits"].dtype == torch.uint8
+    assert raw["x"].shape == (100, 1, 28, 28) and raw["y"].shape == (100,) and len(raw["ids"]) == 100
+    p = load_pathways(str(demo_dir / "pathways.pt"))
     assert list(p["pathway"]) == p["units"]
     assert all(p["pathway"][n].dtype == torch.bool and p["pathway"][n].shape[0] == 100 for n in p["units"])
     assert set(m["gencnp"]["density_per_unit"]) == set(p["units"])

@@ -47,7 +47,7 @@ def test_npz_layouts(tmp_path, layout):
     elif layout == "nchw":
         imgs = imgs.transpose(0, 3, 1, 2)
     np.savez(tmp_path / "d.npz", x=imgs, y=np.arange(6) % 3)
-    d = D.load_npz(str(tmp_path / "d.npz"))
+    d = D.load_npz(str(tmp_path / "d.npz")).materialize()
     assert d.x.shape == ((6, 1, 12, 10) if layout == "nhw" else (6, 3, 12, 10))
     assert float(d.x.max()) <= 1.0 and d.y.tolist() == [0, 1, 2, 0, 1, 2]
 
@@ -78,7 +78,9 @@ def test_image_folder(tmp_path):
             Image.fromarray(np.full((9, 7), 40 * (k + i), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "cat" / "notes.txt").write_text("ignored")
     d = D.load_data(str(tmp_path))
-    assert d.x.shape == (6, 1, 9, 7) and d.y.tolist() == [0, 0, 0, 1, 1, 1] and list(d.classes) == ["cat", "dog"]
+    x = d.materialize().x
+    assert x.shape == (6, 1, 9, 7) and d.y.tolist() == [0, 0, 0, 1, 1, 1] and list(d.classes) == ["cat", "dog"]
+    assert (x[:, 0, 0, 0] * 255).round().tolist() == [0, 40, 80, 40, 80, 120]  # the files' values, in order
     tr, te = D.split_data(d, 0.34, seed=0)
     assert len(tr) + len(te) == 6 and sorted(te.y.tolist()) == [0, 1]
 

@@ -131,7 +131,9 @@ def test_distributed_evaluate_equals_single_process(setup):
     p1 = torch.load(root / "eval1" / "pathways.pt", weights_only=True)
     p2 = torch.load(root / "eval2" / "pathways.pt", weights_only=True)
     assert p1["units"] == p2["units"] and torch.equal(p1["y"], p2["y"]) and torch.equal(p1["x"], p2["x"])
-    assert all(torch.equal(p1["pathway"][n], p2["pathway"][n]) for n in p1["units"])
+    assert torch.equal(p1["packed"]["bits"], p2["packed"]["bits"]) and p1["ids"] == p2["ids"]
+    assert torch.equal(p1["pred"], p2["pred"]) and torch.equal(p1["path_pred"], p2["path_pred"])
+    assert torch.equal(p1["x_rows"], p2["x_rows"]) and len(p1["ids"]) == 90
 
 
 def test_distributed_killed_run_resumes_with_other_world_size(setup):
@@ -225,3 +227,52 @@ def test_a_failing_rank_stops_a_busy_rank(tmp_path):
         "gencnp train: error (rank 1): model factory 'faulty_factory:make' failed with kwargs {}: ValueError: this "
         "factory fails on rank 1"], err1
     assert len(err0.strip().splitlines()) == 1 and "another process failed" in err0, err0
+
+
+def test_distributed_evaluate_of_a_jpeg_folder_equals_single_process(setup, tmp_path):
+    """A streamed ImageFolder of JPEGs (``--test-data`` alone, read batch by batch, ``--workers 0``): 2 processes
+    give the metrics and the pathways.pt (packed bits, ids, predictions) of one."""
+    from PIL import Image
+
+    root, target, _, _ = setup
+    _, te = mnist_split()
+    imgs = tmp_path / "digits"
+    for k in range(10):  # 9 grayscale JPEGs of each digit: 90 images, 6 batches of 16 (the last of 10)
+        (imgs / str(k)).mkdir(parents=True)
+        for j, i in enumerate(torch.nonzero(te.y == k).flatten()[:9].tolist()):
+            a = (te.x[i, 0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(a, mode="L").save(imgs / str(k) / f"{j}.jpg", quality=90)
+    seed_everything(7)
+    gen = GenCNP(target, te.x[:2], d=8, code_dim=8)
+    with torch.no_grad():  # mixed pathways, varying per sample
+        for p in gen.rpd.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+            if p.dim() == 1:
+                p.zero_()
+    gen.save(str(tmp_path / "gen.pt"))
+    args = ["evaluate", "--target", str(root / "target.pt"), "--generator", str(tmp_path / "gen.pt"), "--test-data",
+            str(imgs), "--batch-size-eval", "16", "--workers", "0", "--no-timing", "--no-suite", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun children (OMP_NUM_THREADS=1): the same float32 kernels
+    try:
+        assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    torchrun(args + ["--out", str(tmp_path / "two")])
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    g1, g2 = m1["gencnp"], m2["gencnp"]
+    assert 0.05 < g1["density_mean"] < 0.95 and g1["density_std"] > 0 and g1["acIOU"] < 1
+    assert m1["target"] == m2["target"] and m1["target"]["n_test"] == 90 and m2["throughput"]["images"] == 90
+    for k in ("fidelity", "density_mean", "density_std", "density_per_unit"):
+        assert g1[k] == g2[k], k
+    for k in ("mDC", "mIC", "acIOU", "inter_class_iou"):
+        assert abs(g1[k] - g2[k]) <= 1e-12 * max(1.0, abs(g1[k])), (k, g1[k], g2[k])
+    p1 = torch.load(tmp_path / "one" / "pathways.pt", weights_only=True)
+    p2 = torch.load(tmp_path / "two" / "pathways.pt", weights_only=True)
+    ids = [f"{k}/{j}.jpg" for k in range(10) for j in range(9)]
+    assert p1["ids"] == ids and p2["ids"] == ids
+    assert p1["units"] == p2["units"] and torch.equal(p1["y"], p2["y"]) and torch.equal(p1["x"], p2["x"])
+    assert torch.equal(p1["packed"]["bits"], p2["packed"]["bits"]) and p1["packed"]["bits"].shape[0] == 90
+    assert torch.equal(p1["pred"], p2["pred"]) and torch.equal(p1["path_pred"], p2["path_pred"])
+    assert torch.equal(p1["x_rows"], p2["x_rows"])

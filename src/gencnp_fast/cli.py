@@ -7,10 +7,17 @@
     gencnp evaluate --target target_model.pt --generator DIR/generator.pt --data D --out DIR
     gencnp evaluate --target target_model.pt --pathways DIR/pathways.pt      (recompute with the reference forward)
 
-Data ``D``: ``mnist`` (embedded 5,000 images), an ImageFolder directory or an ``.npz`` (``x``, ``y``). Without
+Data ``D``: ``mnist`` (embedded 5,000 images), an ImageFolder directory (read lazily, batch by batch, in
+``--workers`` processes) or an ``.npz`` (``x``, ``y``; memory-mapped when stored uncompressed). Without
 ``--test-data`` the data are split deterministically (``--test-fraction``, ``--split-seed``; ``mnist``: the fixed
 4,000 / 1,000 split): ``train-target`` and ``train`` use the training part, ``explain`` and ``evaluate`` the test
-part. ``train`` holds out ``--val-fraction`` of its training part for validation.
+part. ``--test-data`` alone explains / evaluates every image of it. ``train`` holds out ``--val-fraction`` of its
+training part for validation. ``--transform imagenet`` (or ``--image-size`` / ``--mean`` / ``--std``) sets the
+preprocessing; ``train`` stores it with the generator and ``explain`` / ``evaluate`` reuse it.
+
+``--device {auto,cpu,cuda,cuda:N}`` and ``--precision {fp32,bf16,fp16}`` (GPU) choose where and how the models run
+(:mod:`gencnp_fast.placement`); ``--model module:factory --model-kwargs JSON`` builds a model, e.g. a torchvision
+architecture, for a ``state_dict`` weights file.
 
 Target files are the safe format of :mod:`gencnp_fast.target` (a model spec and a state dict, read with
 ``weights_only=True``); a plain state dict needs ``--model``; a whole-module pickle loads only with
@@ -84,16 +91,40 @@ def _log(args, msg: str) -> None:
 
 
 # Data ------------------------------------------------------------------------------------------------------------
-def _split(args) -> Tuple["ImageData", "ImageData"]:
+def _transform(args, stored: Optional[dict] = None):
+    """The preprocessing of this command: ``--transform`` / ``--image-size`` / ``--mean`` / ``--std``; options not
+    given come from ``stored`` (the generator's), else today's default (``none``: [0, 1], no resize)."""
+    from .data import Transform
+
+    given = {k: getattr(args, k, None) for k in ("image_size", "mean", "std")}
+    if getattr(args, "transform", None) is None and stored is not None:
+        base = Transform.from_dict(stored)
+        if all(v is None for v in given.values()):
+            return base
+        opts = {"kind": base.kind, "image_size": base.image_size, "mean": base.mean, "std": base.std}
+        if given["image_size"] is None:  # a crop of the stored size keeps the stored resize
+            opts["resize"] = base.resize
+        opts.update({k: v for k, v in given.items() if v is not None})
+        return Transform.from_options(**opts)
+    return Transform.from_options(getattr(args, "transform", None) or "none", **given)
+
+
+def _split(args, transform=None) -> Tuple[Optional["ImageSet"], "ImageSet"]:
+    """``(train, test)``: ``--data`` split (or ``--test-data`` as the test part; ``--test-data`` alone: no training
+    part), each an :class:`~gencnp_fast.data.ImageSet` read with ``transform``."""
     from .data import load_data, mnist_split, split_data
 
-    if args.data in ("mnist", "mnist5k") and args.test_data is None:
+    data = getattr(args, "data", None)
+    if args.test_data is not None:
+        train = load_data(data, transform) if data is not None else None
+        test = load_data(args.test_data, transform)
+    elif data in (None, "mnist", "mnist5k"):
         train, test = mnist_split(args.split_seed)
-    elif args.test_data is not None:
-        train, test = load_data(args.data), load_data(args.test_data)
+        if transform is not None and not transform.is_identity:
+            train, test = (d.with_transform(transform) for d in (train, test))
     else:
-        train, test = split_data(load_data(args.data), args.test_fraction, args.split_seed)
-    if args.limit:
+        train, test = split_data(load_data(data, transform), args.test_fraction, args.split_seed)
+    if args.limit and train is not None:
         train = train.limit(args.limit)
     if args.test_limit:
         test = test.limit(args.test_limit)
@@ -101,13 +132,76 @@ def _split(args) -> Tuple["ImageData", "ImageData"]:
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, default="mnist",
-                   help="'mnist' (embedded), an ImageFolder directory or an .npz with x and y")
-    p.add_argument("--test-data", default=None, help="separate test data (default: split --data)")
+    p.add_argument("--data", required=required, default="mnist" if required else None,
+                   help="'mnist' (embedded), an ImageFolder directory (read lazily) or an .npz with x and y "
+                        "(memory-mapped when stored uncompressed)" + ("" if required else
+                        "; default 'mnist', or none when --test-data is given"))
+    p.add_argument("--test-data", default=None,
+                   help="separate test data (default: split --data); alone, explain / evaluate every image of it")
     p.add_argument("--test-fraction", type=OPEN_FRACTION, default=0.2)
     p.add_argument("--split-seed", type=SEED, default=0)
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
     p.add_argument("--test-limit", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--transform", choices=["none", "imagenet"], default=None,
+                   help="preprocessing: 'imagenet' (resize 256, centre crop 224, ImageNet mean/std: for pretrained "
+                        "torchvision / timm models) or 'none' (scale to [0, 1], the default). explain / evaluate "
+                        "reuse the generator's unless given")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=None, metavar="PIXELS",
+                   help="crop ('imagenet') or resize ('none') images to PIXELS x PIXELS")
+    p.add_argument("--mean", type=_floats("--mean"), default=None, metavar="M[,M,M]",
+                   help="per-channel mean subtracted after scaling to [0, 1]")
+    p.add_argument("--std", type=_floats("--std"), default=None, metavar="S[,S,S]",
+                   help="per-channel standard deviation divided by after --mean")
+    p.add_argument("--workers", type=_number(int, 0, what="an integer >= 0"), default=None, metavar="N",
+                   help="processes decoding images (default: 0 for in-memory data, else up to 4)")
+
+
+def _floats(option: str):
+    """An argparse ``type=``: comma-separated finite numbers."""
+    def parse(text: str):
+        try:
+            vals = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
+        if not vals or not all(v == v and abs(v) != float("inf") for v in vals):
+            raise argparse.ArgumentTypeError(f"must be finite numbers separated by commas, got {text!r}")
+        return vals
+
+    parse.__name__ = "numbers"
+    return parse
+
+
+def _model_kwargs(text: str) -> dict:
+    """``--model-kwargs``: a JSON object."""
+    try:
+        v = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 4}}': {exc}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 4}}', got {text!r}")
+    return v
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to run (default auto: the GPU when CUDA is available, else the CPU); under torchrun "
+                        "each process uses its local GPU")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="GPU only: the target and the pathway forward in bf16 / fp16, the generator under autocast")
+
+
+def _placement(args, data=None):
+    """The :class:`~gencnp_fast.placement.Placement` of ``--device`` / ``--precision`` / ``--workers``; the
+    default worker count is 0 for in-memory data and up to 4 for data read from files."""
+    from . import distributed
+    from .data import ImageData
+    from .placement import resolve_placement
+
+    workers = getattr(args, "workers", None)
+    if workers is None:
+        workers = 0 if data is None or isinstance(data, ImageData) else max(1, min(4, (os.cpu_count() or 2) - 1))
+    return resolve_placement(getattr(args, "device", "cpu"), getattr(args, "precision", "fp32"), workers,
+                             distributed.device() if distributed.is_active() else None)
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +209,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="target model file (gencnp train-target / save_target; or, with --model, a state_dict)")
     p.add_argument("--model", default=None,
                    help="'module:factory' (or a built-in name) building the model the --target file fits")
+    p.add_argument("--model-kwargs", type=_model_kwargs, default=None, metavar="JSON",
+                   help="keyword arguments for --model's factory, e.g. '{\"num_classes\": 4}'")
     p.add_argument("--trust-pickle", action="store_true",
                    help="also load a whole-module pickle (torch.save(model)); unpickling runs code from the file: "
                         "only for files you made")
@@ -123,7 +219,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 def _load_target(args):
     from .target import load_target
 
-    return load_target(args.target, args.model, trust_pickle=args.trust_pickle)
+    return load_target(args.target, args.model, trust_pickle=args.trust_pickle, model_kwargs=args.model_kwargs)
 
 
 def _check_out_dir(path: Optional[str], option: str = "--out") -> None:
@@ -193,7 +289,7 @@ def _resume_defaults(args, cfg, out_dir: str):
     return cfg, 64 if hidden is None else hidden, 64 if code_dim is None else code_dim
 
 
-def _train_generator(args, target, train, out_dir: str, resume: bool, cfg):
+def _train_generator(args, target, train, out_dir: str, resume: bool, cfg, place=None):
     from .data import split_data
     from .generator import GenCNP, seed_everything, train_gencnp
     from .generator.train import check_config
@@ -210,13 +306,14 @@ def _train_generator(args, target, train, out_dir: str, resume: bool, cfg):
                        f"and {len(val)} to validate (each class gives round(fraction x its images)); use more "
                        f"images or another --val-fraction")
     seed_everything(cfg.seed)
-    gen = GenCNP(target, tr.x[:2], d=hidden, code_dim=code_dim)
+    gen = GenCNP(target, tr.batch(torch.arange(2)), d=hidden, code_dim=code_dim)
+    gen.transform = train.transform.to_dict()
     _log(args, f"GEN-CNP: {sum(p.numel() for p in gen.parameters())} parameters, {len(gen.units)} units "
                f"({sum(u.channels for u in gen.units)} channels); {len(tr)} train / {len(val)} validation images")
     res = train_gencnp(gen, tr, val, cfg, out_dir=out_dir, resume=resume, quiet=args.quiet,
                        log=lambda s: _log(args, "  " + s), checkpoint_every=getattr(args, "checkpoint_every", None),
                        stop_after_steps=getattr(args, "stop_after_steps", None),
-                       override=getattr(args, "override", False))
+                       override=getattr(args, "override", False), place=place)
     return gen, res
 
 
@@ -226,27 +323,32 @@ def cmd_train_target(args) -> None:
     from .target import accuracy, build_model, check_model_input, save_target, train_target
 
     _check_out_file(args.out)
-    train, test = _split(args)
+    train, test = _split(args, _transform(args))
+    place = _placement(args, train)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, num_classes=args.num_classes, in_channels=int(train.x.shape[1])) \
-        if ":" not in args.model else build_model(args.model)
-    n_cls = check_model_input(model, train.x, train.name)
+    kwargs = dict(args.model_kwargs or {})
+    if ":" in args.model:
+        model = build_model(args.model, **kwargs)
+    else:
+        model = build_model(args.model, num_classes=args.num_classes, in_channels=int(train.sample_shape[0]), **kwargs)
+    n_cls = check_model_input(model, train.batch(torch.arange(1)), train.name)
     check_labels(train.y, n_cls, train.name)
     check_labels(test.y, n_cls, test.name)
     t0 = time.perf_counter()
-    train_target(model, train, args.epochs, args.lr, args.batch_size, args.seed, quiet=args.quiet)
-    acc = accuracy(model, test)
+    train_target(model, train, args.epochs, args.lr, args.batch_size, args.seed, quiet=args.quiet, place=place)
+    acc = accuracy(model, test, place=place)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_target(model, args.out)
+    save_target(model.cpu(), args.out)
     _log(args, f"target {args.model}: test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f}s) -> {args.out}")
 
 
 def cmd_train(args) -> None:
     _check_out_dir(args.out)
     target = _load_target(args)
-    train, _ = _split(args)
+    train, _ = _split(args, _transform(args))
+    _log(args, f"data: {len(train)} training images of {train.name} ({train.transform.describe()})")
     cfg = _gen_config(args)
-    gen, res = _train_generator(args, target, train, args.out, args.resume, cfg)
+    gen, res = _train_generator(args, target, train, args.out, args.resume, cfg, _placement(args, train))
     if "stopped_at_step" in res:
         _log(args, f"stopped after step {res['stopped_at_step']} (resume with --resume)")
         return
@@ -264,26 +366,33 @@ def _load_generator(args, target):
     return GenCNP.load(args.generator, target)
 
 
+def _test_set(args, gen):
+    """The test set of explain / evaluate, read with the generator's transform unless the options override it."""
+    train, test = _split(args, _transform(args, gen.transform))
+    _log(args, f"data: {len(test)} test images of {test.name} ({test.transform.describe()})")
+    return train, test
+
+
+def _throughput(args, what: str, ex) -> None:
+    _log(args, f"{what} {len(ex)} images in {ex.seconds:.1f} s: {ex.images_per_second:.1f} images/s")
+
+
 def cmd_explain(args) -> None:
     from . import distributed
-    from .data import check_labels
-    from .explain import explain_batched, save_pathways
-    from .target import check_input_dtype
+    from .explain import explain_to_file
 
     _check_out_dir(args.out)
     target = _load_target(args)
     gen = _load_generator(args, target)
-    _, test = _split(args)
-    check_input_dtype(target, test.x, test.name)
-    gen.check_input(test.x[:1])
-    check_labels(test.y, gen.num_classes, test.name)
-    explain = distributed.explain_sharded if distributed.is_active() else explain_batched
-    pathway, _, _ = explain(gen, test.x, args.batch_size_eval)
+    _, test = _test_set(args, gen)
+    place = _placement(args, test)
     out = os.path.join(args.out, "pathways.pt")
     if distributed.is_main():
         os.makedirs(args.out, exist_ok=True)
-        save_pathways(out, test.x, test.y, pathway, gen.unit_names)
-    _log(args, f"{len(test)} pathways (density {pathway.density():.3f}) -> {out}")
+    ex = explain_to_file(gen, test, out, args.batch_size_eval, place, progress=None if args.quiet else "explain",
+                         save_inputs=args.save_inputs)
+    _throughput(args, "explained", ex)
+    _log(args, f"{len(ex)} pathways (density {ex.packed.density_stats()['density_mean']:.3f}) -> {out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -304,42 +413,53 @@ def cmd_evaluate(args) -> None:
     _check_out_dir(args.out)
     target = _load_target(args)
     gen = _load_generator(args, target)
-    train, test = _split(args)
+    train, test = _test_set(args, gen)
     from . import distributed
 
-    evaluate = distributed.evaluate_sharded if distributed.is_active() else evaluate_gencnp
-    res = evaluate(target, gen, test, args.batch_size_eval, timing=not args.no_timing)
+    place = _placement(args, test)
+    res = evaluate_gencnp(target, gen, test, args.batch_size_eval, timing=not args.no_timing, place=place,
+                          progress=None if args.quiet else "evaluate", keep_all=args.save_inputs)
+    _throughput(args, "explained", res.explained)
     if not distributed.is_main():
         return
-    classes = test.classes if test.classes is not None else train.classes
+    classes = test.classes if test.classes is not None else (train.classes if train is not None else None)
     hooks = [] if args.no_suite else [suite_hook(args.out, train, quick=False, quiet=args.quiet,
-                                                 class_names=classes)]
+                                                 class_names=classes, place=place)]
     run_evaluation_hooks(res, hooks=hooks + list(EVALUATION_HOOKS))
     write_outputs(args.out, res)
     _log(args, _summary(res.metrics))
     _log(args, f"-> {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'pathways.pt')}")
 
 
-def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000, class_names=None):
+def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000, class_names=None,
+               place=None):
     """The evaluation suite (baselines, transfer, figures, report.html) as an evaluation hook for ``res``.
 
-    Class pathways are built from GEN-CNP's pathways of (at most ``max_train``) training images; GEN-CNP's explainer
-    is timed beside the baselines, in the same run and batch size.
+    It runs on the report sample (``res.data``) on the generator's device, in float32. Class pathways are built
+    from GEN-CNP's pathways of at most ``max_train`` training images (fewer when their inputs would take more than
+    :data:`gencnp_fast.explain.REPORT_BYTES`, spread over the set); GEN-CNP's explainer is timed beside the
+    baselines, in the same run and batch size.
     """
     from .evaluation.suite import SuiteConfig, run_suite
+    from .explain import REPORT_BYTES
 
     def hook(res) -> None:
         gen = res.generator
-        tr = train.limit(max_train) if train is not None and len(train) > max_train else train
+        c, h, w = gen.input_shape
+        cap = max(1, min(max_train, REPORT_BYTES // (4 * c * h * w)))
+        tr = None if train is None else (train.limit(cap) if len(train) > cap else train).materialize()
+        dev = next(gen.parameters()).device
+        res.target.float()  # a reduced --precision ran the explanation; the suite's baselines run in float32
+        x = res.data.x.to(dev)
         gen.eval()
         with torch.no_grad():  # soft scores give GEN-CNP's curve in the mDC-vs-density figure
-            parts = [gen(xb, mode="hard").scores for xb in res.data.x.split(256)]
-        scores = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+            parts = [gen(xb, mode="hard").scores for xb in x.split(256)]
+        scores = {n: torch.cat([p[n] for p in parts]).cpu() for n in parts[0]}
         suite = run_suite(
-            res.target, res.data.x, res.data.y, res.pathway, out_dir,
-            train_x=None if tr is None else tr.x, train_y=None if tr is None else tr.y,
+            res.target, x, res.data.y, res.pathway, out_dir,
+            train_x=None if tr is None else tr.x.to(dev), train_y=None if tr is None else tr.y,
             gencnp_explain_ms=res.metrics["gencnp"].get("explain_ms_per_image"), config=SuiteConfig(quick=quick),
-            gencnp_scores=scores, pathway_fn=lambda _m, x: gen.explain(x), log=None if quiet else print,
+            gencnp_scores=scores, pathway_fn=lambda _m, xb: gen.explain(xb), log=None if quiet else print,
             class_names=class_names, gencnp_timing={k: v for k, v in res.metrics["gencnp"].items()
                                                     if k.startswith(("explain_", "dense_ms"))},
         )
@@ -453,13 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3)
     t.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     t.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="for built-in models (default: 10)")
+    t.add_argument("--model-kwargs", type=_model_kwargs, default=None, metavar="JSON",
+                   help="keyword arguments for the factory, e.g. '{\"num_classes\": 4}'")
     _add_data_args(t)
+    _add_run_args(t)
     common(t)
     t.set_defaults(func=cmd_train_target)
 
     g = sub.add_parser("train", help="train GEN-CNP for a target model")
     _add_target_args(g)
     _add_data_args(g)
+    _add_run_args(g)
     _add_train_args(g)
     g.add_argument("--val-fraction", type=OPEN_FRACTION, default=0.1)
     g.add_argument("--out", required=True, help="directory for generator.pt (best) and checkpoint.pt (latest)")
@@ -482,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--generator", required=(name == "explain"), default=None, help="generator.pt")
         e.add_argument("--out", required=(name == "explain"), default=None, help="output directory")
         e.add_argument("--batch-size-eval", type=POSITIVE_INT, default=256)
+        e.add_argument("--save-inputs", action="store_true",
+                       help="write every input to pathways.pt (default: a sample's, at most 64 MB for explain, "
+                            "256 MB for evaluate)")
+        _add_run_args(e)
         if name == "evaluate":
             e.add_argument("--pathways", default=None, help="recompute the metrics of this pathways.pt instead")
             e.add_argument("--no-timing", action="store_true", help="skip the explain-cost timing")
@@ -570,7 +698,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise CLIError(f"only train, evaluate and explain run under torchrun (WORLD_SIZE > 1); run "
                            f"{args.command} as one process")
         maybe_tune_allocator()
-        with distributed.maybe_distributed():
+        backend = "gloo" if getattr(args, "device", "auto") == "cpu" else None  # --device cpu under torchrun
+        with distributed.maybe_distributed(backend):
             _run_ranked(args)
     except EXPECTED_ERRORS as exc:
         _remove_empty(created)

@@ -8,7 +8,7 @@ started by ``torchrun`` with ``WORLD_SIZE > 1``. Under ``torchrun`` the CLI call
 the permutation ``randperm(N, generator seeded (seed·1000003 + e))`` is cut into *global* batches of
 ``batch_size``; global batch ``b`` is split into ``world_size`` contiguous slices (``torch.tensor_split``: sizes
 differ by at most one, equal when ``world_size`` divides the batch) and rank ``r`` takes slice ``r``
-(:func:`local_batch`). Every rank computes the same permutation, so no sampler state is exchanged. The generator is
+(``_Trainer._steps`` in :mod:`gencnp_fast.generator.train`). Every rank computes the same permutation, so no sampler state is exchanged. The generator is
 wrapped in ``DistributedDataParallel`` (:func:`wrap_generator`; the frozen target is not: it has no trainable
 parameters; the generator has no batch norm, only LayerNorm, so no SyncBatchNorm is needed). Every rank runs the
 one training loss, :func:`gencnp_fast.generator.gencnp_loss`, on its slice; it equals the single-process loss of
@@ -28,13 +28,14 @@ contributes no gathered rows. The parameters after ``k`` steps therefore equal t
 checkpoints hold no world-size-dependent state (the position is the global step), so a run resumes with any
 world size, from an epoch-end or a mid-epoch (``checkpoint_every``) checkpoint.
 
-**Evaluation** (:func:`explain_sharded`, :func:`evaluate_sharded`). The test set is cut into the same batches of
-``batch_size`` as in one process and whole batches are assigned to ranks (contiguous blocks), so every sample's
-logits and pathway are computed in exactly the batch they would be in one process. mDC / mIC / fidelity and the
-accuracy are all-reduced as float64 sums and counts (:func:`~gencnp_fast.evaluation.metrics.confidence_sums`);
-pathways are all-gathered (bool) for the density statistics, and acIOU / inter-class IoU are the exact pairwise
-means over the whole set: each rank computes the IoU of its rows against all rows, and the per-class pair sums and
-counts are all-reduced. Rank 0 runs the evaluation hooks and writes ``metrics.json`` / ``pathways.pt``.
+**Evaluation** (:func:`gencnp_fast.stream.explain_set`, which ``explain``, ``evaluate`` and validation use). The
+test set is cut into the same batches of ``batch_size`` as in one process and whole batches are assigned to ranks
+(contiguous blocks, :func:`batch_shard`); each rank reads only its own images, so every sample's logits and pathway
+are computed in exactly the batch they would be in one process. mDC / mIC / fidelity and the accuracy come from
+float64 sums all-reduced over ranks (:func:`~gencnp_fast.evaluation.metrics.confidence_sums`); the per-sample rows
+(packed pathways, labels, predictions) are all-gathered in one process's order, so density, acIOU and inter-class
+IoU are computed from exactly the rows one process would have. Rank 0 runs the evaluation hooks and writes
+``metrics.json`` / ``pathways.pt``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "peer_failure",
     "lost_peer",
     "maybe_distributed",
+    "per_rank",
     "is_active",
     "rank",
     "world_size",
@@ -72,11 +74,7 @@ __all__ = [
     "wrap_generator",
     "all_reduce_sum",
     "gather_rows",
-    "local_batch",
     "gather_batch",
-    "validate_sharded",
-    "explain_sharded",
-    "evaluate_sharded",
 ]
 
 
@@ -375,6 +373,15 @@ def all_reduce_sum(values: Sequence[float]) -> List[float]:
     return t.cpu().tolist()
 
 
+def per_rank(value: float) -> List[float]:
+    """``value`` of every rank, in rank order (``[value]`` for one process)."""
+    t = torch.zeros(world_size(), dtype=torch.float64, device=_comm_device())
+    t[rank()] = float(value)
+    if is_active():
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
 def _comm_device() -> torch.device:
     return device() if is_active() and dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -408,156 +415,9 @@ def gather_rows(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False, g
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-# Training --------------------------------------------------------------------------------------------------------
-def local_batch(x_all: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-    """This rank's rows of the global batch ``x_all[idx]`` (on this rank's device under ``torchrun``) and how many
-    rows every rank holds (:func:`shard_sizes`): ``(x_all[idx], [len(idx)])`` for one process. A rank whose slice
-    is empty gets a placeholder row (its count, 0, gives it weight 0 in
-    :func:`~gencnp_fast.generator.gencnp_loss`)."""
-    world, r = world_size(), rank()
-    sizes = shard_sizes(len(idx), world)
-    local_idx = idx[shard_slice(len(idx), world, r)] if sizes[r] > 0 else idx[:1]
-    x = x_all[local_idx]
-    return (x.to(device()) if is_active() else x), sizes
-
-
+# Training ----------------------------------------------------------------------------------------------------------
 def gather_batch(t: torch.Tensor, sizes: Sequence[int], autograd: bool = False) -> torch.Tensor:
     """The global batch's rows of ``t`` (each rank holding ``sizes[rank]``), in rank order: :func:`gather_rows` on
     the loss's own process group, so that these gathers never interleave with DDP's gradient all-reduces. ``t``'s
     rows for one process."""
     return gather_rows(t, sizes, autograd=autograd, group=_STATE["group"])
-
-
-@torch.no_grad()
-def validate_sharded(gen, data, batch_size: int = 256, backend: str = "auto") -> Dict[str, float]:
-    """:func:`~gencnp_fast.generator.validate` with the batches dealt out to ranks; the same metrics (sums
-    all-reduced, per-sample densities gathered)."""
-    from .evaluation.metrics import confidence_sums, finish_confidence
-
-    was = gen.training
-    gen.eval()
-    _, full, path, flat = _explain_local(gen, data.x, batch_size, backend)
-    gen.train(was)
-    s = confidence_sums(full, path)
-    keys = ("n", "dc_sum", "ic_sum", "agree_sum")
-    tot = dict(zip(keys, all_reduce_sum([s[k] for k in keys])))
-    per_sample = _gather_all(flat.double().mean(1), len(data), batch_size)
-    return {**finish_confidence(tot), "density_mean": float(per_sample.mean()),
-            "density_std": float(per_sample.std(unbiased=False)) if per_sample.numel() > 1 else 0.0}
-
-
-# Evaluation ------------------------------------------------------------------------------------------------------
-def _explain_local(gen, x: torch.Tensor, batch_size: int, backend: str):
-    """This rank's batches: ``(pathway dict, full_logits, path_logits, flat bool)`` (on CPU)."""
-    from .plan import fast_pathway_forward
-
-    dev = device()
-    if next(gen.parameters()).device != dev:
-        gen.to(dev)
-        gen.target.to(dev)
-    names = gen.unit_names
-    masks: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-    full, path = [], []
-    for i, j in batch_shard(len(x), batch_size, world_size(), rank()):
-        xb = x[i:j].to(dev)
-        out = gen(xb, mode="hard")
-        full.append(out.target_logits.cpu())
-        path.append(fast_pathway_forward(gen.target, out.pathway, xb, backend=backend).cpu())
-        for n in names:
-            masks[n].append(out.pathway[n].cpu())
-    ncls = gen.num_classes
-    pw = {n: torch.cat(v) if v else torch.zeros(0, u.channels, dtype=torch.bool)
-          for (n, v), u in zip(masks.items(), gen.units)}
-    full_t = torch.cat(full) if full else torch.zeros(0, ncls)
-    path_t = torch.cat(path) if path else torch.zeros(0, ncls)
-    flat = torch.cat([pw[n] for n in names], 1).bool()
-    return pw, full_t, path_t, flat
-
-
-def _gather_all(t: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
-    """All ranks' rows (from :func:`_explain_local`) in the single-process order."""
-    world = world_size()
-    sizes = [sum(j - i for i, j in batch_shard(n, batch_size, world, r)) for r in range(world)]
-    return gather_rows(t, sizes)
-
-
-@torch.no_grad()
-def explain_sharded(gen, x: torch.Tensor, batch_size: int = 256, backend: str = "auto"):
-    """:func:`~gencnp_fast.explain.explain_batched` over ranks: ``(pathway, full_logits, path_logits)`` of all
-    of ``x`` on every rank (in order), each batch computed by one rank."""
-    from .model.pathway import Pathway
-
-    gen.eval()
-    gen.check_input(x[:1])
-    pw, full, path, _ = _explain_local(gen, x, batch_size, backend)
-    pathway = Pathway({k: _gather_all(v, len(x), batch_size) for k, v in pw.items()},
-                      {u.name: u.channels for u in gen.units})
-    return pathway, _gather_all(full, len(x), batch_size), _gather_all(path, len(x), batch_size)
-
-
-def _class_iou_sharded(flat_all: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, float]:
-    """acIOU / inter-class IoU over all pairs: this rank's rows against all rows, sums all-reduced."""
-    from .evaluation.metrics import iou_matrix
-
-    n = flat_all.shape[0]
-    sl = shard_slice(n, world_size(), rank())
-    rows = torch.arange(n)[sl]
-    labels = labels.long().cpu()
-    iou = iou_matrix(flat_all[sl].cpu(), flat_all.cpu())
-    same = labels[rows][:, None] == labels[None, :]
-    pair_same = same & (rows[:, None] != torch.arange(n)[None, :])
-    intra_sum = torch.zeros(num_classes, dtype=torch.float64)
-    intra_cnt = torch.zeros(num_classes, dtype=torch.float64)
-    intra_sum.index_add_(0, labels[rows], (iou * pair_same).sum(1))
-    intra_cnt.index_add_(0, labels[rows], pair_same.double().sum(1))
-    diff = ~same
-    v = all_reduce_sum(intra_sum.tolist() + intra_cnt.tolist() + [float((iou * diff).sum()),
-                                                                  float(diff.double().sum())])
-    s_sum = torch.tensor(v[:num_classes], dtype=torch.float64)
-    s_cnt = torch.tensor(v[num_classes:2 * num_classes], dtype=torch.float64)
-    inter_sum, inter_cnt = v[-2], v[-1]
-    has = s_cnt > 0
-    ac = float((s_sum[has] / s_cnt[has]).mean()) if bool(has.any()) else float("nan")
-    return {"acIOU": ac, "inter_class_iou": inter_sum / inter_cnt if inter_cnt > 0 else float("nan")}
-
-
-@torch.no_grad()
-def evaluate_sharded(target: nn.Module, gen, test, batch_size: int = 256, backend: str = "auto",
-                     timing: bool = True, repeats: int = 5):
-    """:func:`~gencnp_fast.explain.evaluate_gencnp` over ranks (same metrics; see the module doc). Every rank gets
-    the full :class:`~gencnp_fast.explain.ExplainResult`; timing (if asked) is rank 0's batches only."""
-    from .data import check_labels
-    from .evaluation.metrics import confidence_sums, density_stats, finish_confidence
-    from .explain import ExplainResult, explain_timings
-    from .model.pathway import Pathway
-
-    from .data import check_finite
-    from .target import check_input_dtype
-
-    gen.eval()
-    check_input_dtype(gen.target, test.x, test.name)
-    gen.check_input(test.x[:1])
-    check_finite(test.x, test.name)
-    check_labels(test.y, gen.num_classes, test.name)
-    n = len(test)
-    pw, full, path, _ = _explain_local(gen, test.x, batch_size, backend)
-    lo = batch_shard(n, batch_size, world_size(), rank())
-    y_local = torch.cat([test.y[i:j] for i, j in lo]) if lo else test.y[:0]
-    s = confidence_sums(full, path)
-    keys = ("n", "dc_sum", "ic_sum", "agree_sum")
-    v = all_reduce_sum([s[k] for k in keys] + [float((full.argmax(1) == y_local).double().sum())])
-    tot = dict(zip(keys, v[:4]))
-    pathway = Pathway({k: _gather_all(t, n, batch_size) for k, t in pw.items()},
-                      {u.name: u.channels for u in gen.units})
-    g: Dict[str, object] = dict(finish_confidence(tot))
-    g.update(density_stats(pathway, gen.unit_names))
-    from .evaluation.metrics import flatten_pathway
-
-    g.update(_class_iou_sharded(flatten_pathway(pathway, gen.unit_names), test.y, gen.num_classes))
-    if timing:
-        mine = torch.cat([test.x[i:j] for i, j in lo]) if lo else test.x[:0]
-        t = explain_timings(gen, mine.to(device()), batch_size, backend, repeats) if is_main() and len(mine) else None
-        g.update(broadcast_object(t) or {})
-    metrics = {"target": {"accuracy": v[4] / max(tot["n"], 1.0), "n_test": n}, "gencnp": g}
-    full_all, path_all = _gather_all(full, n, batch_size), _gather_all(path, n, batch_size)
-    return ExplainResult(metrics, target, gen, test, pathway, full_all, path_all)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ImageData, check_labels
+from .data import ImageData, ImageSet, check_labels
 from .io import one_line, safe_load
 from .model.units import eval_mode
 from .models import MODEL_FACTORIES, model_spec
@@ -115,7 +115,7 @@ def build_from_spec(spec: Union[str, Spec], allow_import: bool = True) -> nn.Mod
             raise ValueError(f"unknown model {name!r}; use one of {sorted(MODEL_FACTORIES)} or 'module:factory'")
     try:
         model = factory(**kwargs)
-    except (TypeError, ValueError, RuntimeError, MemoryError) as exc:  # e.g. kwargs it does not take, sizes too big
+    except Exception as exc:  # the factory is the user's code: kwargs it does not take, sizes too big, its own bugs
         raise ValueError(f"model factory {name!r} failed with kwargs {kwargs}: {type(exc).__name__}: "
                          f"{one_line(exc, 300)}") from None
     if not isinstance(model, nn.Module):
@@ -269,7 +269,8 @@ def check_finite_model(model: nn.Module, source: str = "the target model") -> No
             raise ValueError(f"{source}: {name} holds NaN or infinity")
 
 
-def load_target(path: str, factory: Optional[str] = None, trust_pickle: bool = False) -> nn.Module:
+def load_target(path: str, factory: Optional[str] = None, trust_pickle: bool = False,
+                model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Load a target model, in eval mode: the one loader of the CLI, the evaluation suite and the Python API.
 
     Args:
@@ -279,9 +280,13 @@ def load_target(path: str, factory: Optional[str] = None, trust_pickle: bool = F
             file's ``module:callable`` factory be imported and called.
         trust_pickle: also load whole-module pickles (``torch.save(model)``) and call a file's own factory
             (``--trust-pickle``). Unpickling runs code named by the file: only for files you made.
+        model_kwargs: keyword arguments for ``factory`` (``--model-kwargs``, e.g. ``{"num_classes": 4}``); they
+            replace a target file's saved kwargs. Only with ``factory``.
 
     Raises ``FileNotFoundError`` / ``ValueError`` with one-line messages naming the file and the problem.
     """
+    if model_kwargs is not None and factory is None:
+        raise ValueError("--model-kwargs needs --model (the factory the keyword arguments are for)")
     obj = _read_target_file(path, trust_pickle)
     if isinstance(obj, nn.Module):  # only reachable with trust_pickle
         if factory is not None:
@@ -295,6 +300,8 @@ def load_target(path: str, factory: Optional[str] = None, trust_pickle: bool = F
         spec = _check_spec(obj["spec"], path)
         if factory is not None:
             spec = spec if factory == spec["factory"] else {"factory": factory, "kwargs": {}}
+            if model_kwargs is not None:
+                spec = {"factory": factory, "kwargs": dict(model_kwargs)}
             model = build_from_spec(spec)
         elif ":" in spec["factory"] and not trust_pickle:
             raise ValueError(f"{path} names the model factory {spec['factory']!r}, which is not built in: pass "
@@ -312,7 +319,8 @@ def load_target(path: str, factory: Optional[str] = None, trust_pickle: bool = F
             raise ValueError(f"{path} holds a state_dict, not a target model file: also give the model's factory "
                              f"(--model module:factory or a built-in name)")
         state = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
-        model, what = build_from_spec(factory), repr(factory)
+        model = build_from_spec({"factory": factory, "kwargs": dict(model_kwargs or {})})
+        what = repr(factory)
     else:
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a target model")
     _load_state(model, state, path, what)
@@ -354,19 +362,29 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(model: nn.Module, data: ImageData, batch_size: int = 512) -> float:
-    return float((predict(model, data.x, batch_size).argmax(1) == data.y).double().mean())
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 512, place=None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on ``data`` (any :class:`~gencnp_fast.data.ImageSet`, streamed)."""
+    from .placement import Placement
+
+    place = place or Placement()
+    model.eval()
+    correct = 0
+    for _, x, y in data.batches(batch_size, workers=place.workers, pin_memory=place.pin_memory):
+        with place.autocast():
+            correct += int((model(place.inputs(x)).argmax(1).cpu() == y).sum())
+    return correct / max(len(data), 1)
 
 
-def train_target(model: nn.Module, train: ImageData, epochs: int = 3, lr: float = 2e-3, batch_size: int = 64,
-                 seed: int = 0, weight_decay: float = 1e-4, quiet: bool = False) -> nn.Module:
+def train_target(model: nn.Module, train: ImageSet, epochs: int = 3, lr: float = 2e-3, batch_size: int = 64,
+                 seed: int = 0, weight_decay: float = 1e-4, quiet: bool = False, place=None) -> nn.Module:
     """Train ``model`` with Adam and cross-entropy (one-cycle cosine schedule); returns it in eval mode.
 
+    ``train``: any :class:`~gencnp_fast.data.ImageSet` (a folder is decoded batch by batch, in ``place.workers``
+    processes); ``place``: the device and precision (:class:`~gencnp_fast.placement.Placement`; default CPU).
     Deterministic for a given seed (the shuffle uses its own generator). Non-finite images, a loss that becomes NaN
     or infinite, or weights that do, stop it with a ``ValueError`` (the model is then not usable).
     """
-    from tqdm.auto import tqdm
-
     from .data import check_finite
 
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
@@ -374,9 +392,16 @@ def train_target(model: nn.Module, train: ImageData, epochs: int = 3, lr: float 
             raise ValueError(f"train_target: {name} must be a positive integer, got {v!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"train_target: lr must be a positive finite number, got {lr!r}")
-    check_finite(train.x, train.name)
-    num_classes = check_model_input(model, train.x, train.name)
+    from .placement import Placement
+
+    place = place or Placement()
+    first = train.batch(torch.arange(min(len(train), 2)))
+    check_finite(first, train.name)
+    num_classes = check_model_input(model, first, train.name)
     check_labels(train.y, num_classes, train.name)
+    if isinstance(train, ImageData):
+        check_finite(train.x, train.name)
+    model.to(place.device)  # trained in float32 (autocast at a reduced --precision)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -385,13 +410,13 @@ def train_target(model: nn.Module, train: ImageData, epochs: int = 3, lr: float 
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(train), generator=g)
-        bar = tqdm(range(0, len(train), batch_size), desc=f"target epoch {epoch + 1}/{epochs}",
-                   disable=not progress_enabled(quiet), leave=False)
-        for b, i in enumerate(bar):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+        batches = [perm[i:i + batch_size] for i in range(0, len(train), batch_size)]
+        batches = [b for b in batches if len(b) >= 2]  # BatchNorm needs two samples
+        bar = train.batches_of(batches, workers=place.workers, pin_memory=place.pin_memory,
+                               progress=None if not progress_enabled(quiet) else f"target epoch {epoch + 1}/{epochs}")
+        for b, (_, x, y) in enumerate(bar):
+            with place.autocast():
+                loss = F.cross_entropy(model(place.inputs(x)), y.to(place.device))
             value = loss.item()
             if not math.isfinite(value):
                 raise ValueError(f"target training diverged: the loss is {value} at epoch {epoch + 1}, batch "
@@ -400,6 +425,5 @@ def train_target(model: nn.Module, train: ImageData, epochs: int = 3, lr: float 
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{value:.3f}")
     check_finite_model(model, f"target training diverged (lr {lr:g}): the trained model")
     return model.eval()

@@ -99,6 +99,9 @@ class GenCNP(nn.Module):
         self.pdn = PathwayDistillationNetwork(d, code_dim, self.num_classes)
         self.rpd = RecursivePathwayDecoder(channels, d, code_dim, init_bias)
         self.daq = DistanceAwareQuantizer(t0=t0, sigma=sigma)
+        # The preprocessing of the images it was trained on (gencnp_fast.data.Transform.to_dict(); None: unknown),
+        # saved with it so that explain / evaluate read images the same way.
+        self.transform: Optional[dict] = None
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -137,12 +140,19 @@ class GenCNP(nn.Module):
         missing = [n for n in names if n not in features]
         if missing:
             raise ValueError(f"features are missing units {missing[:4]}")
-        e, h = self.rfe([features[n].detach() for n in names])
+        dt = self.rpd_dtype  # a target run at reduced precision feeds float32 weights: cast (autocast or not)
+        e, h = self.rfe([features[n].detach().to(dt) for n in names])
         code, class_logits = self.pdn(h)
         scores = self.rpd(code, e)
         masks = {n: self.daq(s, mode) for n, s in zip(names, scores)}
         hard = Pathway({n: (s >= 0.5) for n, s in zip(names, scores)}, {u.name: u.channels for u in self.units})
-        return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits, target_logits.detach())
+        return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits,
+                            target_logits.detach().to(dt))
+
+    @property
+    def rpd_dtype(self) -> torch.dtype:
+        """The dtype of the generator's weights."""
+        return next(self.rpd.parameters()).dtype
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> Pathway:
@@ -159,6 +169,7 @@ class GenCNP(nn.Module):
             "num_classes": self.num_classes,
             "target_class": f"{type(self.target).__module__}.{type(self.target).__qualname__}",
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "transform": self.transform,
         }
 
     def save(self, path) -> None:
@@ -202,6 +213,7 @@ class GenCNP(nn.Module):
             gen.load_state_dict(state["state_dict"])
         except RuntimeError as exc:
             raise ValueError(f"{path}: generator weights do not fit: {' '.join(str(exc).split())[:400]}") from None
+        gen.transform = state.get("transform")
         gen.eval()
         return gen
 
@@ -234,6 +246,10 @@ def check_generator_state(state, path) -> dict:
         raise ValueError(f"{path}: 'input_shape' must be a list of positive sizes of one image, got {shape!r:.100}")
     if not isinstance(state["num_classes"], int) or state["num_classes"] < 1:
         raise ValueError(f"{path}: 'num_classes' must be a positive integer, got {state['num_classes']!r:.50}")
+    if state.get("transform") is not None:
+        from ..data import Transform
+
+        Transform.from_dict(state["transform"], source=f"{path}: 'transform'")
     sd = state["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ValueError(f"{path}: 'state_dict' must map parameter names to tensors")

@@ -34,11 +34,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import distributed as D
-from ..data import ImageData, check_labels
-from ..evaluation.metrics import confidence_metrics, density_stats
+from ..data import ImageData, ImageSet, check_labels
 from ..io import atomic_save
 from ..model.reference import soft_pathway_forward
-from ..plan import dense_capture, fast_pathway_forward
+from ..placement import Placement
+from ..plan import dense_capture
 from .gencnp import GenCNP, GenCNPOutput, check_generator_state
 from .pdn import distill_kl, supervised_contrastive
 
@@ -123,7 +123,7 @@ def gencnp_loss(forward: Callable[..., GenCNPOutput], gen: GenCNP, x: torch.Tens
         forward: ``(features, logits, mode) -> GenCNPOutput``: ``gen.from_features`` in one process, the generator
             in DistributedDataParallel under ``torchrun`` (:func:`gencnp_fast.distributed.wrap_generator` gives
             the right one).
-        x: this process's rows of the global batch (:func:`gencnp_fast.distributed.local_batch`).
+        x: this process's rows of the global batch (:meth:`_Trainer._steps`).
         shard: how many rows every process holds, in rank order (``None``: one process holding ``x``, the whole
             batch). A process without rows passes one placeholder row; its count 0 gives it weight 0.
         sp_scale: the warm-up factor of λ_sp.
@@ -159,22 +159,17 @@ def gencnp_loss(forward: Callable[..., GenCNPOutput], gen: GenCNP, x: torch.Tens
 
 
 @torch.no_grad()
-def validate(gen: GenCNP, data: ImageData, batch_size: int = 256, backend: str = "auto") -> Dict[str, float]:
-    """Fidelity, mDC, mIC and density of the hard pathways on ``data`` (pathway forward: ``fast_pathway_forward``)."""
+def validate(gen: GenCNP, data: ImageSet, batch_size: int = 256, backend: str = "auto",
+             place: Optional[Placement] = None) -> Dict[str, float]:
+    """Fidelity, mDC, mIC and density of the hard pathways on ``data`` (pathway forward: ``fast_pathway_forward``;
+    streamed, and dealt out over the processes under ``torchrun``: :func:`gencnp_fast.stream.explain_set`)."""
+    from ..stream import explain_set
+
     was = gen.training
-    gen.eval()
-    full, path, masks = [], [], {n: [] for n in gen.unit_names}
-    for i in range(0, len(data), batch_size):
-        x = data.x[i:i + batch_size]
-        out = gen(x, mode="hard")
-        full.append(out.target_logits)
-        path.append(fast_pathway_forward(gen.target, out.pathway, x, backend=backend))
-        for n in gen.unit_names:
-            masks[n].append(out.pathway[n])
+    res = explain_set(gen, data, batch_size, place, backend)
     gen.train(was)
-    m = confidence_metrics(torch.cat(full), torch.cat(path))
-    d = density_stats({n: torch.cat(v) for n, v in masks.items()}, gen.unit_names)
-    return {**m, "density_mean": d["density_mean"], "density_std": d["density_std"]}
+    d = res.packed.density_stats()
+    return {**res.confidence(), "density_mean": d["density_mean"], "density_std": d["density_std"]}
 
 
 def _is_better(new: Dict[str, float], best: Optional[Dict[str, float]], floor: float) -> bool:
@@ -234,9 +229,10 @@ class _EpochSums:
 class _Trainer:
     """The state of one :func:`train_gencnp` call: optimiser, history, best epoch, files (only rank 0 writes)."""
 
-    def __init__(self, gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str],
-                 quiet: bool, log, checkpoint_every: Optional[int], stop_after_steps: Optional[int]):
-        self.gen, self.train, self.val, self.cfg = gen, train, val, cfg
+    def __init__(self, gen: GenCNP, train: ImageSet, val: ImageSet, cfg: TrainConfig, out_dir: Optional[str],
+                 quiet: bool, log, checkpoint_every: Optional[int], stop_after_steps: Optional[int],
+                 place: Placement):
+        self.gen, self.train, self.val, self.cfg, self.place = gen, train, val, cfg, place
         self.quiet, self.log = quiet, log
         self.checkpoint_every, self.stop_after_steps = checkpoint_every, stop_after_steps
         self.opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -325,13 +321,29 @@ class _Trainer:
         atomic_save(ck, self.ckpt_path)
 
     # one epoch --------------------------------------------------------------------------------------------------
+    def _steps(self, perm: torch.Tensor, skip: int) -> List[Tuple[int, torch.Tensor, torch.Tensor, List[int]]]:
+        """The epoch's steps from batch ``skip``: ``(b, global batch idx, this process's rows, rows per process)``.
+        A global batch of fewer than 2 samples is skipped; a process whose slice is empty gets a placeholder row
+        (its count 0 gives it weight 0 in :func:`gencnp_loss`)."""
+        bs, world, r = self.cfg.batch_size, D.world_size(), D.rank()
+        steps = []
+        for b, i in enumerate(range(0, len(perm), bs)):
+            idx = perm[i:i + bs]
+            if b < skip or len(idx) < 2:
+                continue
+            sizes = D.shard_sizes(len(idx), world)
+            local = idx[D.shard_slice(len(idx), world, r)] if sizes[r] > 0 else idx[:1]
+            steps.append((b, idx, local, sizes))
+        return steps
+
     def train_epoch(self, epoch: int, mode: str, forward) -> _EpochSums:
-        """The steps of ``epoch`` (from the resumed position, if any); stops early at ``stop_after_steps``."""
+        """The steps of ``epoch`` (from the resumed position, if any); stops early at ``stop_after_steps``. Images
+        are read batch by batch (in ``place.workers`` processes)."""
         from tqdm.auto import tqdm
 
         from ..target import progress_enabled
 
-        cfg, train = self.cfg, self.train
+        cfg, train, place = self.cfg, self.train, self.place
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         self.gen.train()
@@ -344,15 +356,15 @@ class _Trainer:
             skip, acc.sums, acc.nb = int(p["next_batch"]), dict(p["sums"]), int(p["nb"])
             t0 -= float(p["train_seconds"])
             torch.set_rng_state(p["rng"])
-        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"GEN-CNP epoch {epoch + 1}/{cfg.epochs} ({mode})",
-                   disable=not progress_enabled(self.quiet) or not D.is_main(), leave=False)
-        for b, i in enumerate(bar):
-            idx = perm[i:i + cfg.batch_size]
-            if b < skip or len(idx) < 2:
-                continue
+        steps = self._steps(perm, skip)
+        bar = tqdm(total=sum(len(s[1]) for s in steps), desc=f"GEN-CNP epoch {epoch + 1}/{cfg.epochs} ({mode})",
+                   unit="img", unit_scale=True, disable=not progress_enabled(self.quiet) or not D.is_main(),
+                   leave=False)
+        loader = train.batches_of([s[2] for s in steps], workers=place.workers, pin_memory=place.pin_memory)
+        for (b, idx, _, sizes), (_, x, _) in zip(steps, loader):
             step = epoch * self.steps_per_epoch + b
             sp_scale = min(1.0, (step + 1) / max(1.0, cfg.sp_warmup * self.total_steps))  # λ_sp's warm-up
-            rep = self.step(forward, idx, mode, sp_scale)
+            rep = self.step(forward, place.inputs(x), sizes, mode, sp_scale)
             if not all(math.isfinite(v) for v in rep.values()):
                 raise ValueError(f"GEN-CNP training stopped: the loss is {rep['loss']} (kd {rep['kd']}, density "
                                  f"{rep['density']}) at epoch {epoch + 1}, batch {b + 1}: {self._diagnose(idx)}; "
@@ -360,32 +372,39 @@ class _Trainer:
             for k in TERMS:
                 acc.sums[k] += rep[k]
             acc.nb += 1
+            bar.update(len(idx))
             bar.set_postfix(loss=f"{rep['loss']:.3f}", dens=f"{rep['density']:.3f}", kd=f"{rep['kd']:.3f}")
-            if self.checkpoint_every and (b + 1) % self.checkpoint_every == 0 and i + cfg.batch_size < len(train):
+            if self.checkpoint_every and (b + 1) % self.checkpoint_every == 0 and \
+                    (b + 1) * cfg.batch_size < len(train):
                 self.save_checkpoint(epoch - 1, {"epoch": epoch, "next_batch": b + 1, "sums": dict(acc.sums),
                                                  "nb": acc.nb, "train_seconds": time.perf_counter() - t0,
                                                  "rng": torch.get_rng_state()})
             if self.stop_after_steps is not None and step + 1 >= self.stop_after_steps:
                 acc.stopped_at_step = step + 1
                 break
+        bar.close()
         acc.seconds = time.perf_counter() - t0
         return acc
 
     @torch.no_grad()
     def _diagnose(self, idx: torch.Tensor) -> str:
-        """Why a loss is not finite: the target's own logits on the batch, or the training diverged."""
+        """Why a loss is not finite: the images, the target's own logits on the batch, or the training diverged."""
+        x = self.train.batch(idx[:256])
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return f"images of {self.train.name} hold NaN or infinite values"
         target = self.gen.target
-        logits = target(self.train.x[idx[:256]].to(next(target.parameters()).device))
+        logits = target(self.place.inputs(x))
         if not bool(torch.isfinite(logits).all()):
             return ("the target model's logits are NaN or infinite for these images (it overflows; it cannot be "
                     "explained)")
         return f"the training diverged (lr {self.cfg.lr:g}; try a smaller --lr)"
 
-    def step(self, forward, idx: torch.Tensor, mode: str, sp_scale: float) -> Dict[str, float]:
-        """One optimiser step on the global batch ``train.x[idx]``; returns its reported terms. A non-finite loss
-        (the same on every rank) returns before the step, leaving the weights as they were."""
-        x, sizes = D.local_batch(self.train.x, idx)
-        terms = gencnp_loss(forward, self.gen, x, self.cfg, mode, sp_scale, shard=sizes)
+    def step(self, forward, x: torch.Tensor, sizes: List[int], mode: str, sp_scale: float) -> Dict[str, float]:
+        """One optimiser step on a global batch, of which this process holds the rows ``x`` (``sizes``: rows per
+        process); returns its reported terms. A non-finite loss (the same on every rank) returns before the step,
+        leaving the weights as they were."""
+        with self.place.autocast():
+            terms = gencnp_loss(forward, self.gen, x, self.cfg, mode, sp_scale, shard=sizes)
         if not all(math.isfinite(v) for v in terms["report"].values()):
             return terms["report"]
         self.opt.zero_grad(set_to_none=True)
@@ -400,7 +419,7 @@ class _Trainer:
         if bad is not None:
             raise ValueError(f"GEN-CNP training diverged: the generator's {bad} became NaN or infinite in epoch "
                              f"{epoch + 1}; nothing more is written (lr {cfg.lr:g})")
-        val_m = (D.validate_sharded if D.is_active() else validate)(gen, self.val, backend=cfg.backend)
+        val_m = validate(gen, self.val, backend=cfg.backend, place=self.place)
         rec = {"epoch": epoch, "mode": mode, **{f"train_{k}": v / max(acc.nb, 1) for k, v in acc.sums.items()},
                **{f"val_{k}": v for k, v in val_m.items()}, "temperature": float(gen.daq.temperature.detach()),
                "train_seconds": acc.seconds}
@@ -421,14 +440,19 @@ class _Trainer:
         return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch, **extra}
 
 
-def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig, out_dir: Optional[str] = None,
+def train_gencnp(gen: GenCNP, train: ImageSet, val: ImageSet, cfg: TrainConfig, out_dir: Optional[str] = None,
                  resume: bool = False, quiet: bool = False, log=None,
                  stop_after: Optional[int] = None, checkpoint_every: Optional[int] = None,
-                 stop_after_steps: Optional[int] = None, override: bool = False) -> Dict[str, object]:
+                 stop_after_steps: Optional[int] = None, override: bool = False,
+                 place: Optional[Placement] = None) -> Dict[str, object]:
     """Train ``gen`` on ``train``, validating on ``val`` after every epoch.
 
     Args:
         gen: a :class:`GenCNP` (its target frozen).
+        train, val: :class:`~gencnp_fast.data.ImageSet` s (an in-memory :class:`~gencnp_fast.data.ImageData`, or a
+            folder / memory-mapped array read batch by batch).
+        place: device, precision and data workers (:class:`~gencnp_fast.placement.Placement`; default: CPU,
+            float32). The generator and its target are moved there.
         out_dir: where ``checkpoint.pt`` (latest, for resume) and ``generator.pt`` (best) go; ``None``: keep in
             memory only.
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
@@ -456,12 +480,16 @@ def train_gencnp(gen: GenCNP, train: ImageData, val: ImageData, cfg: TrainConfig
     from ..target import check_input_dtype
 
     check_config(cfg)
+    place = place or Placement()
     for d in (train, val):
-        check_input_dtype(gen.target, d.x, d.name)
-        gen.check_input(d.x[:1])
-        check_finite(d.x, d.name)
+        first = d.batch(torch.arange(1))
+        check_input_dtype(gen.target, first, d.name)
+        gen.check_input(first)
+        check_finite(d.x if isinstance(d, ImageData) else first, d.name)  # a streamed set: checked per batch
         check_labels(d.y, gen.num_classes, d.name)
-    run = _Trainer(gen, train, val, cfg, out_dir, quiet, log, checkpoint_every, stop_after_steps)
+    gen.to(place.device)
+    place.target(gen.target)
+    run = _Trainer(gen, train, val, cfg, out_dir, quiet, log, checkpoint_every, stop_after_steps, place)
     if resume:
         run.resume(override)
     forward = D.wrap_generator(gen)
