@@ -7,18 +7,22 @@
 #   2. build the extension with its CUDA kernels (GENCNP_FAST_FORCE_CUDA=1)     -> build.log
 #   3. GPU tests: the cuda and triton cases of tests/test_ops.py, tests/test_engine.py, tests/test_run_indices.py,
 #      tests/test_triton_kernel.py and tests/test_cuda_build.py (both backends against float64 oracles and the dense
-#      masked reference, float32 / float16 / bfloat16)                           -> tests.log
+#      masked reference, float32 / float16 / bfloat16), then tests/test_workloads.py (the CLI with --device auto)
+#                                                                                -> tests.log
 #   4. benchmarks, the issue's must-reach cases first: VGG-16 and ResNet-50 at 224x224, batch 64, per-sample masks,
 #      density 1 / 0.5 / 0.25, both backends, beside cuDNN dense and the dense masked reference
-#                                                                                -> bench.log, gpu_<card>_mustreach.{md,json}
+#                                                                                -> bench.log, gpu_<card>_mustreach.json
+#      then explain throughput (images/s) of ResNet-50 at 224x224, batch 256, beside cuDNN's dense forward
+#                                                                                -> gpu_<card>_throughput.json
 #   5. if time is left: VGG-16-BN and ResNet-18 at 32x32, batch 64, shared / per-class / per-sample, density 0.5 / 0.25
-#                                                                                -> gpu_<card>_cifar.{md,json}
+#                                                                                -> gpu_<card>_cifar.json
+#   Every benchmark table is also appended to summary.txt (8 files at most come back from a lent machine).
 #
 # Every step has a time limit taken from one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s call with room to
 # copy results back); a benchmark cut short still leaves the cases it finished (the snapshot is rewritten after each).
 # Results go to $OUT (the lent machine's result folder; default ./gpu_check_out), 8 files at most.
 #
-# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,bench32"), TORCH_CUDA_ARCH_LIST
+# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,bench32"), TORCH_CUDA_ARCH_LIST
 # (default: the visible GPU's), MAX_JOBS (default: all cores), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,7 @@ OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
-STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,bench32},"
+STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,throughput,bench32},"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
@@ -99,6 +103,10 @@ if want tests; then
         tests/test_triton_kernel.py >"$OUT/tests.log" 2>&1
     rc=$?
     say "tests rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+    # the CLI pipeline on the GPU (--device auto is cuda there): train / explain / evaluate on JPEG folders
+    timeout "$(limit 120)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "not peak_memory" \
+        tests/test_workloads.py >>"$OUT/tests.log" 2>&1
+    say "workload tests rc=$?: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30 | tee -a "$OUT/summary.txt"
 fi
 
@@ -108,15 +116,19 @@ bench() {  # bench NAME CAP  (GENCNP_BENCH_* in the environment select the cases
     cap=$(limit "$2")
     if (( cap < 30 )); then say "skip $name: ${cap}s left"; return; fi
     say "benchmark $name (limit ${cap}s): models=$GENCNP_BENCH_MODELS batches=$GENCNP_BENCH_BATCHES sharing=$GENCNP_BENCH_SHARING densities=$GENCNP_BENCH_DENSITIES"
-    timeout -s INT "$cap" "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_gpu.py --benchmark-only \
-        --save-results "$name" >>"$OUT/bench.log" 2>&1
+    timeout -s INT "$cap" "$PY" -m pytest -q -p no:cacheprovider "${BENCH_FILE:-benchmarks/test_bench_gpu.py}" \
+        --benchmark-only --save-results "$name" >>"$OUT/bench.log" 2>&1
     say "$name rc=$? (124: cut at the limit; its finished cases are kept)"
-    cp -f "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT/" 2>/dev/null || say "no results for $name"
-    [ -f "$OUT/$name.md" ] && tee -a "$OUT/summary.txt" <"$OUT/$name.md" >/dev/null
+    # the table goes into summary.txt, the JSON alongside (8 files at most come back)
+    cp -f "benchmarks/results/$name.json" "$OUT/" 2>/dev/null || say "no results for $name"
+    [ -f "benchmarks/results/$name.md" ] && tee -a "$OUT/summary.txt" <"benchmarks/results/$name.md" >/dev/null
 }
 if want bench; then
     GENCNP_BENCH_MODELS=vgg16,resnet50 GENCNP_BENCH_BATCHES=64 GENCNP_BENCH_SHARING=per_sample \
     GENCNP_BENCH_DENSITIES=1,0.5,0.25 bench mustreach 330
+fi
+if want throughput; then  # explain throughput, ResNet-50 224x224 batch 256, against cuDNN's dense forward
+    BENCH_FILE=benchmarks/test_bench_throughput.py GENCNP_BENCH_MODELS=resnet50 bench throughput 120
 fi
 if want bench32; then
     GENCNP_BENCH_MODELS=vgg16_bn_cifar,resnet18_cifar GENCNP_BENCH_BATCHES=64 \

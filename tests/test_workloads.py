@@ -497,3 +497,32 @@ def test_device_cpu_and_auto_give_the_same_pathways(small, capsys, tmp_path):
     assert torch.equal(a["packed"]["bits"], b["packed"]["bits"])
     assert a["ids"] == b["ids"] and torch.equal(a["pred"], b["pred"]) and torch.equal(a["path_pred"], b["path_pred"])
     assert torch.equal(a["x"], b["x"])
+
+
+def test_reduced_precision_plumbing_runs_with_the_reference_backend():
+    """--precision bf16 is GPU-only in the CLI (the CPU kernels are float32), but its plumbing is device-agnostic:
+    the target converted to bfloat16, the generator in float32 under autocast (training and explaining), the
+    captured bfloat16 features cast for the generator. Run it here on the CPU with the reference pathway forward."""
+    from gencnp_fast.data import ImageData
+    from gencnp_fast.generator import GenCNP, TrainConfig, train_gencnp
+    from gencnp_fast.models import mnist_vgg
+    from gencnp_fast.placement import Placement
+    from gencnp_fast.stream import explain_set
+
+    torch.manual_seed(0)
+    target = mnist_vgg(num_classes=3, in_channels=1, width=8).eval()
+    x, y = torch.rand(24, 1, 28, 28), torch.arange(24) % 3
+    data = ImageData(x, y)
+    gen = GenCNP(target, x[:2], d=8, code_dim=8)
+    place = Placement(torch.device("cpu"), "bf16")
+    res = train_gencnp(gen, data, data, TrainConfig(epochs=1, batch_size=8, backend="reference"), place=place,
+                       quiet=True)
+    assert next(target.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in gen.parameters())
+    assert 0.0 <= res["best"]["fidelity"] <= 1.0
+    ex = explain_set(gen, data, 8, place, backend="reference", keep=torch.arange(4))
+    assert len(ex) == 24 and ex.x.dtype == torch.float32 and torch.equal(ex.x, x[:4])
+    assert ex.full_logits.dtype == torch.float32 and bool(torch.isfinite(ex.full_logits).all())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expect = gen(x[:8].to(torch.bfloat16), mode="hard").pathway
+    assert all(torch.equal(ex.packed.unpack(slice(0, 8))[n], expect[n]) for n in gen.unit_names)

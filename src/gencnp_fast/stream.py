@@ -103,7 +103,7 @@ class _Local:
             sel = keep_mask[pos]
             if bool(sel.any()):
                 self.kept.append(pos[sel])
-                self.x.append(x[sel.to(x.device)].float().cpu())
+                self.x.append(x[sel.to(x.device)].cpu())
                 self.full.append(full[sel.to(full.device)].cpu())
                 self.path.append(path[sel.to(path.device)].cpu())
 
@@ -142,7 +142,7 @@ def explain_set(gen, data, batch_size: int = 256, place: Optional[Placement] = N
         with place.autocast():
             out = gen(xb, mode="hard")
         path = fast_pathway_forward(gen.target, out.pathway, xb, backend=backend).float()
-        acc.add(pos, idx, xb, y, out.pathway, out.target_logits.float(), path, keep_mask)
+        acc.add(pos, idx, x, y, out.pathway, out.target_logits.float(), path, keep_mask)  # x: as read, float32
     seconds = time.perf_counter() - t0
     return _finish(gen, acc, n, ranges, batch_size, seconds)
 
