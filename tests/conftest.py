@@ -156,3 +156,45 @@ def dense_oracle(p) -> torch.Tensor:
     if p["relu"]:
         out = out.relu()
     return out * (out_idx >= 0).double()[:, :, None, None]
+
+
+# The CLI's bad-input contract ------------------------------------------------------------------------------------
+def snapshot(path) -> dict:
+    """Every file under ``path`` (hidden ones too) with its SHA-256; {} when it does not exist."""
+    import hashlib
+
+    out = {}
+    if os.path.isdir(path):
+        for root, _, files in os.walk(path):
+            for f in files:
+                p = os.path.join(root, f)
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    elif os.path.isfile(path):
+        with open(path, "rb") as fh:
+            out["."] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def fails(capsys, argv, *words, untouched=()):
+    """``gencnp_fast.cli.main(argv)`` exits 2 with ONE line on stderr, ``gencnp CMD: error: ...``, holding every
+    word of ``words``, and no traceback; the paths in ``untouched`` are byte for byte as before (no new, changed or
+    temporary files). Returns the line."""
+    import re
+
+    from gencnp_fast.cli import main
+
+    before = {str(p): snapshot(p) for p in untouched}
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert exc.value.code == 2, cap.err
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, cap.err
+    assert re.match(r"gencnp [\w-]+: error", lines[0]), lines[0]
+    assert "Traceback" not in cap.err + cap.out
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    for p, snap in before.items():
+        assert snapshot(p) == snap, f"{p} changed"
+    return lines[0]

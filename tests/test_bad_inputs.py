@@ -5,7 +5,6 @@ cores."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fails
 from gencnp_fast.cli import main
 from gencnp_fast.data import mnist_split
 from gencnp_fast.generator import GenCNP
@@ -28,40 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-def snapshot(path) -> dict:
-    """Every file under ``path`` (hidden ones too) with its SHA-256; {} when it does not exist."""
-    out = {}
-    if os.path.isdir(path):
-        for root, _, files in os.walk(path):
-            for f in files:
-                p = os.path.join(root, f)
-                with open(p, "rb") as fh:
-                    out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    elif os.path.isfile(path):
-        with open(path, "rb") as fh:
-            out["."] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def fails(capsys, argv, *words, untouched=()):
-    """``main(argv)`` exits 2 with one line on stderr holding every word of ``words``; the paths in
-    ``untouched`` are byte for byte as before (no new, changed or temporary files)."""
-    before = {str(p): snapshot(p) for p in untouched}
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    assert exc.value.code == 2, cap.err
-    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
-    assert len(lines) == 1, cap.err
-    assert lines[0].startswith("gencnp") and "error" in lines[0], lines[0]
-    assert "Traceback" not in cap.err + cap.out
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    for p, snap in before.items():
-        assert snapshot(p) == snap, p
-    return lines[0]
-
 
 def ok(capsys, argv):
     code = main([str(a) for a in argv])

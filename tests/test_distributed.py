@@ -99,28 +99,31 @@ def test_distributed_train_matches_single_process(setup):
     assert h1[-1]["train_cls"] > 0.1
 
 
-def test_distributed_evaluate_equals_single_process(setup):
-    root, target, _, _ = setup
-    tr, _ = mnist_split()
-    seed_everything(5)
-    gen = GenCNP(target, tr.x[:2], d=8, code_dim=8)
-    with torch.no_grad():  # a generator with mixed pathways (half of the channels kept, varying per sample)
+def _mixed_generator(target, example, seed: int, path) -> None:
+    """A generator with mixed pathways (about half of the channels kept, varying per sample), saved to ``path``."""
+    seed_everything(seed)
+    gen = GenCNP(target, example, d=8, code_dim=8)
+    with torch.no_grad():
         for p in gen.rpd.parameters():
             p.add_(torch.randn_like(p) * 0.5)
             if p.dim() == 1:
                 p.zero_()
-    gen.save(str(root / "gen_eval.pt"))
-    args = ["evaluate", "--target", str(root / "target.pt"), "--generator", str(root / "gen_eval.pt"), "--data",
-            "mnist", "--test-limit", "90", "--batch-size-eval", "16", "--no-timing", "--quiet"]
+    gen.save(str(path))
+
+
+def _one_and_two_processes(args, out1, out2):
+    """``args`` (an evaluate command) in this process (1 thread, as the torchrun children) into ``out1`` and under
+    torchrun with 2 processes into ``out2``; the metrics must agree exactly (float64 sums to 1e-12). Returns both
+    metrics.json and both raw pathways.pt."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun children (OMP_NUM_THREADS=1): the same float32 kernels
     try:
-        assert main(args + ["--out", str(root / "eval1")]) == 0
+        assert main(args + ["--out", str(out1)]) == 0
     finally:
         torch.set_num_threads(threads)
-    torchrun(args + ["--out", str(root / "eval2")])
-    m1 = json.loads((root / "eval1" / "metrics.json").read_text())
-    m2 = json.loads((root / "eval2" / "metrics.json").read_text())
+    torchrun(args + ["--out", str(out2)])
+    m1 = json.loads((out1 / "metrics.json").read_text())
+    m2 = json.loads((out2 / "metrics.json").read_text())
     g1, g2 = m1["gencnp"], m2["gencnp"]
     assert 0.05 < g1["density_mean"] < 0.95 and g1["density_std"] > 0 and g1["acIOU"] < 1
     assert m1["target"] == m2["target"]
@@ -128,8 +131,17 @@ def test_distributed_evaluate_equals_single_process(setup):
         assert g1[k] == g2[k], k
     for k in ("mDC", "mIC", "acIOU", "inter_class_iou"):
         assert abs(g1[k] - g2[k]) <= 1e-12 * max(1.0, abs(g1[k])), (k, g1[k], g2[k])
-    p1 = torch.load(root / "eval1" / "pathways.pt", weights_only=True)
-    p2 = torch.load(root / "eval2" / "pathways.pt", weights_only=True)
+    return (m1, m2, torch.load(out1 / "pathways.pt", weights_only=True),
+            torch.load(out2 / "pathways.pt", weights_only=True))
+
+
+def test_distributed_evaluate_equals_single_process(setup):
+    root, target, _, _ = setup
+    tr, _ = mnist_split()
+    _mixed_generator(target, tr.x[:2], 5, root / "gen_eval.pt")
+    args = ["evaluate", "--target", str(root / "target.pt"), "--generator", str(root / "gen_eval.pt"), "--data",
+            "mnist", "--test-limit", "90", "--batch-size-eval", "16", "--no-timing", "--quiet"]
+    m1, m2, p1, p2 = _one_and_two_processes(args, root / "eval1", root / "eval2")
     assert p1["units"] == p2["units"] and torch.equal(p1["y"], p2["y"]) and torch.equal(p1["x"], p2["x"])
     assert torch.equal(p1["packed"]["bits"], p2["packed"]["bits"]) and p1["ids"] == p2["ids"]
     assert torch.equal(p1["pred"], p2["pred"]) and torch.equal(p1["path_pred"], p2["path_pred"])
@@ -242,34 +254,11 @@ def test_distributed_evaluate_of_a_jpeg_folder_equals_single_process(setup, tmp_
         for j, i in enumerate(torch.nonzero(te.y == k).flatten()[:9].tolist()):
             a = (te.x[i, 0] * 255).round().to(torch.uint8).numpy()
             Image.fromarray(a, mode="L").save(imgs / str(k) / f"{j}.jpg", quality=90)
-    seed_everything(7)
-    gen = GenCNP(target, te.x[:2], d=8, code_dim=8)
-    with torch.no_grad():  # mixed pathways, varying per sample
-        for p in gen.rpd.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-            if p.dim() == 1:
-                p.zero_()
-    gen.save(str(tmp_path / "gen.pt"))
+    _mixed_generator(target, te.x[:2], 7, tmp_path / "gen.pt")
     args = ["evaluate", "--target", str(root / "target.pt"), "--generator", str(tmp_path / "gen.pt"), "--test-data",
             str(imgs), "--batch-size-eval", "16", "--workers", "0", "--no-timing", "--no-suite", "--quiet"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the torchrun children (OMP_NUM_THREADS=1): the same float32 kernels
-    try:
-        assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    torchrun(args + ["--out", str(tmp_path / "two")])
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    g1, g2 = m1["gencnp"], m2["gencnp"]
-    assert 0.05 < g1["density_mean"] < 0.95 and g1["density_std"] > 0 and g1["acIOU"] < 1
-    assert m1["target"] == m2["target"] and m1["target"]["n_test"] == 90 and m2["throughput"]["images"] == 90
-    for k in ("fidelity", "density_mean", "density_std", "density_per_unit"):
-        assert g1[k] == g2[k], k
-    for k in ("mDC", "mIC", "acIOU", "inter_class_iou"):
-        assert abs(g1[k] - g2[k]) <= 1e-12 * max(1.0, abs(g1[k])), (k, g1[k], g2[k])
-    p1 = torch.load(tmp_path / "one" / "pathways.pt", weights_only=True)
-    p2 = torch.load(tmp_path / "two" / "pathways.pt", weights_only=True)
+    m1, m2, p1, p2 = _one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
+    assert m1["target"]["n_test"] == 90 and m2["throughput"]["images"] == 90
     ids = [f"{k}/{j}.jpg" for k in range(10) for j in range(9)]
     assert p1["ids"] == ids and p2["ids"] == ids
     assert p1["units"] == p2["units"] and torch.equal(p1["y"], p2["y"]) and torch.equal(p1["x"], p2["x"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fails
 from gencnp_fast.cli import main
 from gencnp_fast.data import FolderImages, Transform, load_data
 from gencnp_fast.explain import evaluate_gencnp, explain_to_file, load_pathways, write_outputs
@@ -37,22 +38,6 @@ def ok(capsys, argv):
     cap = capsys.readouterr()
     assert code == 0 and "Traceback" not in cap.err, cap.err
     return cap
-
-
-def fails(capsys, argv, *words):
-    """``main(argv)`` exits 2 with ONE line on stderr, ``gencnp CMD: error: ...``, holding every word of ``words``,
-    and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    assert exc.value.code == 2, cap.err
-    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
-    assert len(lines) == 1, cap.err
-    assert re.match(r"gencnp [\w-]+: error", lines[0]), lines[0]
-    assert "Traceback" not in cap.err + cap.out
-    for w in words:
-        assert str(w) in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def jpeg_folder(root, n, size, classes=3, mode="RGB", seed=0):
