@@ -22,7 +22,6 @@ $PY -m pip install -q numpy tqdm matplotlib ninja
 $PY -m pip install -q --no-deps mlxtend==0.25.0
 if [[ $want_test == 1 ]]; then
   $PY -m pip install -q pytest pytest-benchmark hypothesis expecttest
-  $PY -m pip install -q --no-deps foolbox==3.3.4  # 20 real ImageNet JPEGs for the data tests (never imported)
   [[ -f requirements-test.txt ]] && $PY -m pip install -q -r requirements-test.txt
   # headless Chromium renders report.html in the report test
   if ! command -v chromium >/dev/null 2>&1 && [[ -f .ci/install_chromium.sh ]]; then
@@ -32,4 +31,9 @@ fi
 # Editable, so that the extension is built in place and `python -m gencnp_fast` works from this directory too
 # (outside a checkout, `pip install --no-build-isolation .` is the same build).
 $PY -m pip install -q --no-build-isolation -e .
+if [[ $want_test == 1 ]]; then
+  # 20 real ImageNet JPEGs for the data and pipeline tests, read from the package folder (foolbox is never imported,
+  # so its dependencies are not installed; installed last, so that no later pip run lists them as missing)
+  $PY -m pip install -q --no-deps foolbox==3.3.4
+fi
 $PY -c "import gencnp_fast, gencnp_fast.ops as o; print('gencnp_fast', gencnp_fast.__version__, 'kernel:', o.cpu_info())"
