@@ -140,19 +140,16 @@ class GenCNP(nn.Module):
         missing = [n for n in names if n not in features]
         if missing:
             raise ValueError(f"features are missing units {missing[:4]}")
-        dt = self.rpd_dtype  # a target run at reduced precision feeds float32 weights: cast (autocast or not)
-        e, h = self.rfe([features[n].detach().to(dt) for n in names])
+        feats = [features[n].detach() for n in names]
+        if feats[0].dtype in (torch.float16, torch.bfloat16):  # a target at reduced --precision: float32 weights
+            feats = [f.float() for f in feats]
+            target_logits = target_logits.float()
+        e, h = self.rfe(feats)
         code, class_logits = self.pdn(h)
         scores = self.rpd(code, e)
         masks = {n: self.daq(s, mode) for n, s in zip(names, scores)}
         hard = Pathway({n: (s >= 0.5) for n, s in zip(names, scores)}, {u.name: u.channels for u in self.units})
-        return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits,
-                            target_logits.detach().to(dt))
-
-    @property
-    def rpd_dtype(self) -> torch.dtype:
-        """The dtype of the generator's weights."""
-        return next(self.rpd.parameters()).dtype
+        return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits, target_logits.detach())
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> Pathway:
