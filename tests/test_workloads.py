@@ -313,6 +313,14 @@ def test_report_bytes_bound_the_kept_inputs(small, tmp_path):
     assert torch.equal(ex.packed.bits, full.explained.packed.bits)
     write_outputs(str(tmp_path / "ev"), res)
     _check_pathways_file(tmp_path / "ev" / "pathways.pt", gen, data, every, kept=len(ex.kept))
+    # the suite run from that directory works on the rows with inputs, with their own labels
+    from gencnp_fast.evaluation.suite import SuiteConfig, run_suite_from_dir
+
+    shutil.copy(small / "t.pt", tmp_path / "ev" / "target_model.pt")
+    cfg = SuiteConfig(make_report=False, cdrp_max_samples=4, cdrp_steps=1, sweep_densities=(0.3,),
+                      transfer_js=("all",))
+    suite = run_suite_from_dir(str(tmp_path / "ev"), config=cfg, update_metrics=False)
+    assert suite["baselines"]["random"]["n_samples"] == len(ex.kept)
     write_outputs(str(tmp_path / "ev_all"), full)
     _check_pathways_file(tmp_path / "ev_all" / "pathways.pt", gen, data, every, kept=n)
 

@@ -488,8 +488,9 @@ def run_suite_from_dir(
     ``kwargs``, the other keyword arguments of :func:`run_suite`, go to it).
 
     Reads ``target_model.pt`` with :func:`gencnp_fast.target.load_target` (the safe format; a whole-module pickle
-    only with ``trust_pickle``, for files you made), ``pathways.pt`` (``"x"``, ``"y"``, ``"pathway"``, ``"units"``;
-    ``weights_only=True``, checked against the model) and ``metrics.json`` (GEN-CNP's ``explain_ms_per_image``
+    only with ``trust_pickle``, for files you made), ``pathways.pt`` (:func:`gencnp_fast.explain.load_pathways`,
+    ``weights_only=True``, checked against the model: the suite runs on the rows that hold inputs, the report
+    sample) and ``metrics.json`` (GEN-CNP's ``explain_ms_per_image``
     under ``"gencnp"``). Nothing is unpickled. With ``train_x``/``train_y`` and a generator (a ``GenCNP`` instance,
     or ``run_dir/generator.pt`` loaded for the target), the class pathways are built from GEN-CNP's training
     pathways and GEN-CNP's soft scores give its mDC-vs-density curve. The report goes to ``out_dir`` (default
@@ -518,7 +519,7 @@ def run_suite_from_dir(
     gencnp_ms = (metrics.get("gencnp") or {}).get("explain_ms_per_image")
     timing = {k: v for k, v in (metrics.get("gencnp") or {}).items()
               if k.startswith(("explain_", "dense_ms")) and isinstance(v, (int, float))}
-    test_x, test_y = saved["x"], saved.get("y")
+    test_x, test_y = saved["x"], saved["y_x"]  # the rows with inputs (the report sample)
     units = saved.get("units") or list(saved["pathway"])
     if generator is None and train_x is not None and os.path.isfile(os.path.join(run_dir, "generator.pt")):
         from ..generator.gencnp import GenCNP
