@@ -519,3 +519,11 @@ def test_reduced_precision_plumbing_runs_with_the_reference_backend():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expect = gen(x[:8].to(torch.bfloat16), mode="hard").pathway
     assert all(torch.equal(ex.packed.unpack(slice(0, 8))[n], expect[n]) for n in gen.unit_names)
+
+
+def test_demo_takes_the_device_options(capsys, tmp_path):
+    """gencnp demo has --device / --precision like every command: refused with one line where they cannot run."""
+    if not torch.cuda.is_available():
+        fails(capsys, ["demo", "--out", tmp_path / "d", "--device", "cuda", "--quick"], "--device cuda")
+    fails(capsys, ["demo", "--out", tmp_path / "d", "--device", "cpu", "--precision", "bf16"], "--precision bf16")
+    assert not (tmp_path / "d").exists()

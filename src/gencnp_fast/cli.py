@@ -434,15 +434,14 @@ def cmd_evaluate(args) -> None:
         return
     classes = test.classes if test.classes is not None else (train.classes if train is not None else None)
     hooks = [] if args.no_suite else [suite_hook(args.out, train, quick=False, quiet=args.quiet,
-                                                 class_names=classes, place=place)]
+                                                 class_names=classes)]
     run_evaluation_hooks(res, hooks=hooks + list(EVALUATION_HOOKS))
     write_outputs(args.out, res)
     _log(args, _summary(res.metrics))
     _log(args, f"-> {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'pathways.pt')}")
 
 
-def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000, class_names=None,
-               place=None):
+def suite_hook(out_dir: str, train, quick: bool, quiet: bool, max_train: int = 2000, class_names=None):
     """The evaluation suite (baselines, transfer, figures, report.html) as an evaluation hook for ``res``.
 
     It runs on the report sample (``res.data``) on the generator's device, in float32. Class pathways are built
@@ -491,10 +490,11 @@ def _summary(m: dict) -> str:
     return s
 
 
-def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int = 0, **over):
+def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int = 0, place=None, **over):
     """The embedded default end to end; returns the :class:`~gencnp_fast.explain.ExplainResult`.
 
-    ``over`` overrides :data:`DEMO_CONFIGS` entries and ``limit`` / ``test_limit`` (tests use a tiny run).
+    ``over`` overrides :data:`DEMO_CONFIGS` entries and ``limit`` / ``test_limit`` (tests use a tiny run); ``place``:
+    the device and precision (:class:`~gencnp_fast.placement.Placement`; default the CPU).
     """
     from .data import mnist_split
     from .explain import EVALUATION_HOOKS, evaluate_gencnp, run_evaluation_hooks, write_outputs
@@ -520,16 +520,17 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
     for mod in target.modules():  # PyTorch's default init for the small classifier head (trains faster)
         if isinstance(mod, torch.nn.Linear):
             mod.reset_parameters()
-    train_target(target, train, conf["target_epochs"], conf["target_lr"], seed=seed, quiet=quiet)
+    train_target(target, train, conf["target_epochs"], conf["target_lr"], seed=seed, quiet=quiet, place=place)
     save_target(target, os.path.join(out_dir, "target_model.pt"))
-    _log(args, f"      test accuracy {accuracy(target, test):.4f} ({time.perf_counter() - t_start:.0f}s)")
+    _log(args, f"      test accuracy {accuracy(target, test, place=place):.4f} "
+               f"({time.perf_counter() - t_start:.0f}s)")
     _log(args, f"[2/3] GEN-CNP, {conf['epochs']} epochs")
     ns = argparse.Namespace(**{k: conf.get(k) for k in ("epochs", "lambda_sp", "lambda_cls", "tau", "lr",
                                                          "batch_size", "soft_fraction")}, seed=seed)
     cfg = _gen_config(ns)
-    gen, _ = _train_generator(args, target, train, out_dir, False, cfg)
+    gen, _ = _train_generator(args, target, train, out_dir, False, cfg, place)
     _log(args, f"[3/3] explain and evaluate {len(test)} test images ({time.perf_counter() - t_start:.0f}s)")
-    res = evaluate_gencnp(target, gen, test, timing=conf.get("timing", True))
+    res = evaluate_gencnp(target, gen, test, timing=conf.get("timing", True), place=place)
     res.metrics["demo"] = {"config": "quick" if quick else "full", **{k: v for k, v in conf.items()},
                            "seed": seed}
     if conf.get("suite", True):
@@ -547,7 +548,8 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
 
 def cmd_demo(args) -> None:
     _check_out_dir(args.out)
-    run_demo(args.out, quick=args.quick, quiet=args.quiet, seed=args.seed, epochs=args.epochs,
+    run_demo(args.out, quick=args.quick, quiet=args.quiet, seed=args.seed, place=_placement(args),
+             epochs=args.epochs,
              target_epochs=args.target_epochs, limit=args.limit, test_limit=args.test_limit, width=args.width,
              model=args.model, timing=False if args.no_timing else None, suite=False if args.no_suite else None)
 
@@ -572,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument(hidden, type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
     d.add_argument("--no-timing", action="store_true", help=argparse.SUPPRESS)
     d.add_argument("--no-suite", action="store_true", help="skip baselines, transfer and the report")
+    _add_run_args(d)
     common(d)
     d.set_defaults(func=cmd_demo)
 
