@@ -147,8 +147,12 @@ class GenCNP(nn.Module):
         e, h = self.rfe(feats)
         code, class_logits = self.pdn(h)
         scores = self.rpd(code, e)
-        masks = {n: self.daq(s, mode) for n, s in zip(names, scores)}
-        hard = Pathway({n: (s >= 0.5) for n, s in zip(names, scores)}, {u.name: u.channels for u in self.units})
+        bools = [s >= 0.5 for s in scores]  # the hard pathway (DAQ's nearest level)
+        if mode == "hard":
+            masks = {n: b.to(s.dtype) for n, b, s in zip(names, bools, scores)}
+        else:
+            masks = {n: self.daq(s, mode) for n, s in zip(names, scores)}
+        hard = Pathway(dict(zip(names, bools)), {u.name: u.channels for u in self.units})
         return GenCNPOutput(hard, masks, dict(zip(names, scores)), code, class_logits, target_logits.detach())
 
     @torch.no_grad()

@@ -97,13 +97,32 @@ class RecursiveFeatureEmbedder(nn.Module):
         return list(e.unbind(0)), list(h.unbind(0))
 
     def _embed_stacked(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[L, B, d]``: the embeddings of :meth:`forward` without autograd, the L linear maps as one baddbmm."""
+        """``[L, B, d]``: the embeddings of :meth:`forward` without autograd, the L linear maps as one baddbmm.
+        Each unit's pooling writes straight into its rows of one zero-padded buffer (the batch-1 cost is the count
+        of small ops)."""
         w, b = stacked_linears(self, [emb.proj for emb in self.embed])
+        gamma, beta = self._norm_affine()
         pooled = features[0].new_zeros(len(features), features[0].shape[0], w.shape[1])
         for l, f in enumerate(features):
-            p = pool_feature(f)
-            pooled[l, :, : p.shape[1]] = p
+            c = f.shape[1]
+            if f.dim() == 2:
+                pooled[l, :, :c] = f
+                pooled[l, :, c:2 * c] = f
+            else:
+                flat = f.flatten(2)
+                torch.mean(flat, 2, out=pooled[l, :, :c])
+                torch.amax(flat, 2, out=pooled[l, :, c:2 * c])
         e = F.layer_norm(torch.baddbmm(b, pooled, w), (self.d,), eps=self.embed[0].norm.eps)
-        gamma = torch.stack([emb.norm.weight for emb in self.embed]).unsqueeze(1)
-        beta = torch.stack([emb.norm.bias for emb in self.embed]).unsqueeze(1)
         return torch.addcmul(beta, e, gamma)
+
+    def _norm_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The LayerNorms' weights and biases stacked ``[L, 1, d]``, cached like :func:`stacked_linears`."""
+        params = [p for emb in self.embed for p in (emb.norm.weight, emb.norm.bias)]
+        key = tuple((id(p), p._version, p.data_ptr()) for p in params)
+        hit = getattr(self, "_stacked_norm", None)
+        if hit is None or hit[0] != key:
+            gamma = torch.stack([emb.norm.weight.detach() for emb in self.embed]).unsqueeze(1)
+            beta = torch.stack([emb.norm.bias.detach() for emb in self.embed]).unsqueeze(1)
+            hit = (key, gamma, beta)
+            object.__setattr__(self, "_stacked_norm", hit)
+        return hit[1], hit[2]
