@@ -527,3 +527,12 @@ def test_demo_takes_the_device_options(capsys, tmp_path):
         fails(capsys, ["demo", "--out", tmp_path / "d", "--device", "cuda", "--quick"], "--device cuda")
     fails(capsys, ["demo", "--out", tmp_path / "d", "--device", "cpu", "--precision", "bf16"], "--precision bf16")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("option, value, word", [("--mean", "0.5,0.5", "1 or 3 values"), ("--std", "nan", "finite"),
+                                                 ("--std", "0", "--std"), ("--mean", "a,b", "--mean")])
+def test_bad_mean_std_on_the_command_line(small, capsys, tmp_path, option, value, word):
+    """--mean / --std are checked by the data layer's Transform: one line naming the option, nothing written."""
+    fails(capsys, ["explain", "--target", small / "t.pt", "--generator", small / "run" / "generator.pt",
+                   "--test-data", small / "imgs", "--out", tmp_path / "o", option, value, "--quiet"], option, word)
+    assert not (tmp_path / "o").exists()

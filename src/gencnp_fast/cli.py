@@ -148,27 +148,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "reuse the generator's unless given")
     p.add_argument("--image-size", type=POSITIVE_INT, default=None, metavar="PIXELS",
                    help="crop ('imagenet') or resize ('none') images to PIXELS x PIXELS")
-    p.add_argument("--mean", type=_floats("--mean"), default=None, metavar="M[,M,M]",
+    p.add_argument("--mean", default=None, metavar="M[,M,M]",  # checked by gencnp_fast.data.Transform
                    help="per-channel mean subtracted after scaling to [0, 1]")
-    p.add_argument("--std", type=_floats("--std"), default=None, metavar="S[,S,S]",
+    p.add_argument("--std", default=None, metavar="S[,S,S]",
                    help="per-channel standard deviation divided by after --mean")
     p.add_argument("--workers", type=_number(int, 0, what="an integer >= 0"), default=None, metavar="N",
                    help="processes decoding images (default: 0 for in-memory data, else up to 4)")
-
-
-def _floats(option: str):
-    """An argparse ``type=``: comma-separated finite numbers."""
-    def parse(text: str):
-        try:
-            vals = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
-        if not vals or not all(v == v and abs(v) != float("inf") for v in vals):
-            raise argparse.ArgumentTypeError(f"must be finite numbers separated by commas, got {text!r}")
-        return vals
-
-    parse.__name__ = "numbers"
-    return parse
 
 
 def _model_kwargs(text: str) -> dict:

@@ -36,9 +36,12 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .io import one_line
+
 __all__ = [
     "Transform",
     "ImageSet",
+    "evenly_spread",
     "ImageData",
     "FolderImages",
     "NpzImages",
@@ -68,14 +71,8 @@ MATERIALIZE_MAX_BYTES = 8 << 30
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def _one_line(exc: object, limit: int = 300) -> str:
-    from .io import one_line
-
-    return one_line(exc, limit)
-
-
 def _exc_text(exc: BaseException) -> str:
-    text = _one_line(exc, 200)
+    text = one_line(exc, 200)
     return text if text else type(exc).__name__
 
 
@@ -225,17 +222,17 @@ class Transform:
             return d
         if not isinstance(d, Mapping):
             raise ValueError(f"{source} is malformed: expected a mapping with 'kind', got {type(d).__name__} "
-                             f"{_one_line(repr(d), 80)}")
+                             f"{one_line(repr(d), 80)}")
         names = ("kind", "image_size", "resize", "mean", "std")
         unknown = sorted(str(k) for k in d if k not in names)
         if unknown:
             raise ValueError(f"{source} is malformed: unknown key(s) {unknown} (expected {list(names)})")
         if "kind" not in d:
-            raise ValueError(f"{source} is malformed: no 'kind' in {_one_line(repr(dict(d)), 160)}")
+            raise ValueError(f"{source} is malformed: no 'kind' in {one_line(repr(dict(d)), 160)}")
         try:
             return cls(**{k: d[k] for k in names if k in d})
         except ValueError as exc:
-            raise ValueError(f"{source} is malformed ({_one_line(repr(dict(d)), 160)}): {exc}") from None
+            raise ValueError(f"{source} is malformed ({one_line(repr(dict(d)), 160)}): {exc}") from None
 
     @property
     def is_identity(self) -> bool:
@@ -402,7 +399,7 @@ class _WorkerError:
 
 
 def _error_message(exc: BaseException) -> str:
-    text = _one_line(exc, 600)
+    text = one_line(exc, 600)
     if isinstance(exc, ValueError) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -452,6 +449,12 @@ def _progress_bar(desc: Optional[str], total: int):
                 disable=not progress_enabled())
 
 
+def evenly_spread(n: int, k: int) -> torch.Tensor:
+    """``k`` (at least 1) of the positions ``0 .. n-1`` spread evenly, first and last included (every
+    ``(n-1)/(k-1)``-th, rounded): a set sorted by class keeps every class."""
+    return torch.linspace(0, n - 1, max(int(k), 1)).round().long()
+
+
 class ImageSet(abc.ABC):
     """A labelled image set read in batches. Labels (``y``, int64 ``[N]``), class names and the file list live in
     memory; images are produced by :meth:`batch` as float32 ``[b, C, H, W]`` already passed through ``transform``.
@@ -496,7 +499,7 @@ class ImageSet(abc.ABC):
         keeps every class."""
         if n is None or n >= len(self):
             return self
-        return self.subset(torch.linspace(0, len(self) - 1, max(int(n), 1)).round().long())
+        return self.subset(evenly_spread(len(self), n))
 
     def materialize(self, max_bytes: Optional[int] = None) -> "ImageData":
         """The whole set in memory as :class:`ImageData` (its ``ids`` become ``name[i]``). Refused, with a one-line
@@ -1051,7 +1054,7 @@ def load_npz(path: str, transform: Optional[Transform] = None, mmap: bool = True
         raise ValueError(f"{path} must hold images under 'x' (or 'images') and labels under 'y' (or 'labels'); "
                          f"it holds {exc.args[0]}") from None
     except Exception as exc:
-        raise ValueError(f"could not read {path} as an .npz file: {type(exc).__name__}: {_one_line(exc, 200)}") \
+        raise ValueError(f"could not read {path} as an .npz file: {type(exc).__name__}: {one_line(exc, 200)}") \
             from None
     if mapped is not None:
         _layout_of(mapped.shape, mapped.dtype, path)

@@ -34,7 +34,7 @@ from .model.pathway import Pathway
 from .model.reference import reference_pathway_forward
 from .placement import Placement
 from .plan import fast_pathway_forward
-from .stream import SetExplanation, explain_set, report_rows
+from .stream import SetExplanation, check_set, explain_set, report_rows
 
 __all__ = [
     "ExplainResult",
@@ -164,24 +164,12 @@ def pathway_metrics(full_logits: torch.Tensor, path_logits: torch.Tensor, pathwa
     return m
 
 
-def _check_set(gen: GenCNP, data: ImageSet) -> None:
-    """The checks before a pass over ``data``: dtype and shape of its first image, finite values (every image of an
-    in-memory set; a streamed set's batches are checked as they are read), labels within the model's classes."""
-    from .data import check_finite
-    from .target import check_input_dtype
-
-    shape = tuple(data.sample_shape)
-    if shape != tuple(gen.input_shape):
-        raise ValueError(f"{data.name}: images of shape {shape} do not fit the target model, which takes "
-                         f"{tuple(gen.input_shape)}")
-    if len(data) == 0:
-        raise ValueError(f"{data.name} holds no images")
-    first = data.batch(torch.arange(1))
-    if next(gen.target.parameters()).dtype not in (torch.float16, torch.bfloat16):  # --precision: converted later
-        check_input_dtype(gen.target, first, data.name)
-    gen.check_input(first)
-    check_finite(data.x if isinstance(data, ImageData) else first, data.name)
-    check_labels(data.y, gen.num_classes, data.name)
+def _kept_rows(gen: GenCNP, data: ImageSet, keep_all: bool, budget_bytes: int) -> torch.Tensor:
+    """The rows whose inputs a pass keeps: all with ``keep_all``, else the report sample of ``budget_bytes``."""
+    if keep_all:
+        return torch.arange(len(data))
+    c, h, w = gen.input_shape
+    return report_rows(len(data), 4 * c * h * w, budget_bytes)
 
 
 def _sample_result(gen: GenCNP, data: ImageSet, ex: SetExplanation):
@@ -205,10 +193,9 @@ def evaluate_gencnp(target: nn.Module, gen: GenCNP, test: ImageSet, batch_size: 
     ``explain_cost_ratio`` and their ``_b1`` batch-1 versions). ``keep_all``: keep every input (``--save-inputs``).
     """
     place = place or Placement()
-    _check_set(gen, test)
-    c, h, w = gen.input_shape
-    keep = torch.arange(len(test)) if keep_all else report_rows(len(test), 4 * c * h * w, report_bytes)
-    ex = explain_set(gen, test, batch_size, place, backend, keep=keep, progress=progress)
+    check_set(gen, test)
+    ex = explain_set(gen, test, batch_size, place, backend, keep=_kept_rows(gen, test, keep_all, report_bytes),
+                     progress=progress)
     g: Dict[str, object] = dict(ex.confidence())
     g.update(ex.packed.density_stats())
     iou = ex.packed.class_iou(ex.y, gen.num_classes)
@@ -236,10 +223,9 @@ def explain_to_file(gen: GenCNP, data: ImageSet, out_path: str, batch_size: int 
     fit), or for every image with ``save_inputs``."""
     from . import distributed as D
 
-    _check_set(gen, data)
-    c, h, w = gen.input_shape
-    keep = torch.arange(len(data)) if save_inputs else report_rows(len(data), 4 * c * h * w, report_bytes)
-    ex = explain_set(gen, data, batch_size, place, backend, keep=keep, progress=progress)
+    check_set(gen, data)
+    ex = explain_set(gen, data, batch_size, place, backend, keep=_kept_rows(gen, data, save_inputs, report_bytes),
+                     progress=progress)
     if D.is_main():
         save_pathways(out_path, ex, data.ids(ex.index), data.transform.to_dict())
     return ex

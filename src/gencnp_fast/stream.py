@@ -23,12 +23,13 @@ from typing import Dict, List, Optional
 import torch
 
 from . import distributed as D
+from .data import ImageData, check_finite, check_labels, evenly_spread
 from .evaluation.metrics import confidence_sums, finish_confidence
 from .evaluation.packed import FORMAT, PackedPathways
 from .placement import Placement
 from .plan import fast_pathway_forward
 
-__all__ = ["SetExplanation", "explain_set", "report_rows"]
+__all__ = ["SetExplanation", "explain_set", "report_rows", "check_set"]
 
 _SUM_KEYS = ("n", "dc_sum", "ic_sum", "agree_sum")
 
@@ -69,11 +70,31 @@ class SetExplanation:
 
 def report_rows(n: int, bytes_per_image: int, budget_bytes: int = 256 << 20) -> torch.Tensor:
     """The rows a report shows and whose inputs are kept: all ``n`` when they fit in ``budget_bytes``, else as many
-    as fit, spread evenly over the set (every k-th, as :meth:`~gencnp_fast.data.ImageSet.limit`)."""
+    as fit, spread evenly over the set (as :meth:`~gencnp_fast.data.ImageSet.limit`)."""
     k = max(1, min(n, budget_bytes // max(int(bytes_per_image), 1)))
     if k >= n:
         return torch.arange(n)
-    return torch.linspace(0, n - 1, k).round().long().unique()
+    return evenly_spread(n, k).unique()  # rounding can meet a position twice
+
+
+def check_set(gen, data) -> None:
+    """The checks before a pass over ``data``: the shape and dtype of its first image, finite values (every image
+    of an in-memory set; a streamed set's batches are checked as they are read), labels within the model's
+    classes. One-line ``ValueError`` s naming the set."""
+    from .target import check_input_dtype
+
+    shape = tuple(data.sample_shape)
+    if shape != tuple(gen.input_shape):
+        raise ValueError(f"{data.name}: images of shape {shape} do not fit the target model, which takes "
+                         f"{tuple(gen.input_shape)}")
+    if len(data) == 0:
+        raise ValueError(f"{data.name} holds no images")
+    first = data.batch(torch.arange(1))
+    if next(gen.target.parameters()).dtype not in (torch.float16, torch.bfloat16):  # --precision: converted later
+        check_input_dtype(gen.target, first, data.name)
+    gen.check_input(first)
+    check_finite(data.x if isinstance(data, ImageData) else first, data.name)
+    check_labels(data.y, gen.num_classes, data.name)
 
 
 class _Local:
@@ -114,14 +135,12 @@ def _cat(parts: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def explain_set(gen, data, batch_size: int = 256, place: Optional[Placement] = None, backend: str = "auto",
-                keep: Optional[torch.Tensor] = None, progress: Optional[str] = None,
-                indices: Optional[torch.Tensor] = None) -> SetExplanation:
-    """Explain every image of ``data`` (an :class:`~gencnp_fast.data.ImageSet`; or only ``indices`` of it) in
-    batches of ``batch_size``; see the module docstring. ``keep``: positions (into the explained order) whose
-    inputs and logits are kept. ``progress``: a progress bar's title (images/s shown), or ``None``."""
+                keep: Optional[torch.Tensor] = None, progress: Optional[str] = None) -> SetExplanation:
+    """Explain every image of ``data`` (an :class:`~gencnp_fast.data.ImageSet`) in batches of ``batch_size``; see
+    the module docstring. ``keep``: the rows whose inputs and logits are kept. ``progress``: a progress bar's title
+    (images/s shown), or ``None``."""
     place = place or Placement()
-    order = torch.arange(len(data)) if indices is None else torch.as_tensor(indices).long()
-    n = int(order.numel())
+    n = len(data)
     keep_mask = None
     if keep is not None:
         keep_mask = torch.zeros(n, dtype=torch.bool)
@@ -134,7 +153,7 @@ def explain_set(gen, data, batch_size: int = 256, place: Optional[Placement] = N
     acc = _Local(gen)
     t0 = time.perf_counter()
     done = 0
-    for idx, x, y in data.batches(batch_size, indices=order[mine], workers=place.workers,
+    for idx, x, y in data.batches(batch_size, indices=mine, workers=place.workers,
                                   pin_memory=place.pin_memory, progress=progress if D.is_main() else None):
         pos = mine[done:done + len(idx)]
         done += len(idx)
@@ -144,10 +163,10 @@ def explain_set(gen, data, batch_size: int = 256, place: Optional[Placement] = N
         path = fast_pathway_forward(gen.target, out.pathway, xb, backend=backend).float()
         acc.add(pos, idx, x, y, out.pathway, out.target_logits.float(), path, keep_mask)  # x: as read, float32
     seconds = time.perf_counter() - t0
-    return _finish(gen, acc, n, ranges, batch_size, seconds)
+    return _finish(gen, acc, n, batch_size, seconds)
 
 
-def _finish(gen, acc: _Local, n: int, ranges, batch_size: int, seconds: float) -> SetExplanation:
+def _finish(gen, acc: _Local, n: int, batch_size: int, seconds: float) -> SetExplanation:
     """Concatenate this process's rows; under ``torchrun`` all-gather every rank's, in one process's order."""
     long0 = torch.zeros(0, dtype=torch.long)
     ncls = gen.num_classes
@@ -156,7 +175,7 @@ def _finish(gen, acc: _Local, n: int, ranges, batch_size: int, seconds: float) -
             "path_pred": _cat(acc.path_pred, long0), "bits": acc.packed.bits}
     kept = {"kept": _cat(acc.kept, long0), "x": _cat(acc.x, torch.zeros((0,) + shape)),
             "full": _cat(acc.full, torch.zeros(0, ncls)), "path": _cat(acc.path, torch.zeros(0, ncls))}
-    sums = dict(acc.sums)
+    sums, packed = dict(acc.sums), acc.packed
     if D.is_active():
         world = D.world_size()
         sizes = [sum(j - i for i, j in D.batch_shard(n, batch_size, world, r)) for r in range(world)]
@@ -165,8 +184,6 @@ def _finish(gen, acc: _Local, n: int, ranges, batch_size: int, seconds: float) -
         kept = {k: D.gather_rows(v, kept_sizes) for k, v in kept.items()}
         sums = dict(zip(_SUM_KEYS, D.all_reduce_sum([sums[k] for k in _SUM_KEYS])))
         seconds = max(D.per_rank(seconds))
-    packed = acc.packed
-    if D.is_active():
         packed = PackedPathways.from_state({"format": FORMAT, "units": packed.units, "channels": packed.channels,
                                             "bits": rows["bits"]}, "the gathered pathways")
     return SetExplanation(rows["index"], rows["y"], rows["pred"], rows["path_pred"], packed, sums, kept["kept"],

@@ -396,11 +396,9 @@ def train_target(model: nn.Module, train: ImageSet, epochs: int = 3, lr: float =
 
     place = place or Placement()
     first = train.batch(torch.arange(min(len(train), 2)))
-    check_finite(first, train.name)
+    check_finite(train.x if isinstance(train, ImageData) else first, train.name)  # streamed: per batch (the loss)
     num_classes = check_model_input(model, first, train.name)
     check_labels(train.y, num_classes, train.name)
-    if isinstance(train, ImageData):
-        check_finite(train.x, train.name)
     model.to(place.device)  # trained in float32 (autocast at a reduced --precision)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

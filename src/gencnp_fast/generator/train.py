@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import distributed as D
-from ..data import ImageData, ImageSet, check_labels
+from ..data import ImageSet
 from ..io import atomic_save
 from ..model.reference import soft_pathway_forward
 from ..placement import Placement
@@ -476,17 +476,12 @@ def train_gencnp(gen: GenCNP, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
         ``{"history": [per-epoch dicts], "best": best epoch's validation metrics, "best_epoch": int}``; ``gen``
         holds the best weights when this returns.
     """
-    from ..data import check_finite
-    from ..target import check_input_dtype
+    from ..stream import check_set
 
     check_config(cfg)
     place = place or Placement()
     for d in (train, val):
-        first = d.batch(torch.arange(1))
-        check_input_dtype(gen.target, first, d.name)
-        gen.check_input(first)
-        check_finite(d.x if isinstance(d, ImageData) else first, d.name)  # a streamed set: checked per batch
-        check_labels(d.y, gen.num_classes, d.name)
+        check_set(gen, d)
     gen.to(place.device)
     place.target(gen.target)
     run = _Trainer(gen, train, val, cfg, out_dir, quiet, log, checkpoint_every, stop_after_steps, place)
