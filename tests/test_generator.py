@@ -186,3 +186,4 @@ def test_inference_path_matches_the_autograd_path():
         with torch.no_grad():  # an optimizer step's in-place update: the cached stacks must follow
             gen.rpd.heads[0].weight.add_(0.5)
             gen.rfe.embed[1].proj.bias.sub_(0.25)
+            gen.rfe.embed[0].norm.weight.mul_(1.5)  # the cached LayerNorm affine stack too
