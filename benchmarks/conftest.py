@@ -94,7 +94,10 @@ def record(case: tuple, variant: str, benchmark, **info) -> None:
     """
     entry = (BASELINES if len(case) == 2 else RESULTS).setdefault(case, {})
     entry[variant] = benchmark.stats.stats.median
-    entry.update(info)
+    # paired medians and ratios belong to this variant (several backends of one case are paired separately)
+    own = {k: v for k, v in info.items() if k.startswith(("paired_", "ratio_"))}
+    entry.setdefault("paired", {})[variant] = own
+    entry.update({k: v for k, v in info.items() if k not in own})
     benchmark.extra_info.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
     _save_partial()
 
@@ -150,9 +153,10 @@ def _rows() -> List[Dict[str, object]]:
         for f in fast:
             base = BASELINES.get(case[:2], {})
             # paired medians (timed between the fast path's rounds) when the benchmark took them
-            ref = e.get("paired_reference", base.get("reference"))
-            dense = e.get("paired_dense", base.get("dense"))
-            speed = e.get("ratio_reference", ref / e[f] if ref else float("nan"))
+            own = e.get("paired", {}).get(f, {})
+            ref = own.get("paired_reference", base.get("reference"))
+            dense = own.get("paired_dense", base.get("dense"))
+            speed = own.get("ratio_reference", ref / e[f] if ref else float("nan"))
             ideal = e.get("ideal_flop_ratio", float("nan"))
             ideal_b = e.get("ideal_bytes_ratio", float("nan"))
             rows.append(dict(
@@ -160,7 +164,7 @@ def _rows() -> List[Dict[str, object]]:
                 dense_ms=1e3 * dense if dense else float("nan"), reference_ms=1e3 * ref if ref else float("nan"),
                 fast_ms=1e3 * e[f], speedup=speed, ideal_flop_ratio=ideal, frac_of_ideal=speed / ideal,
                 ideal_bytes_ratio=ideal_b, frac_of_bytes_bound=speed / ideal_b,
-                vs_dense=e.get("ratio_dense", (dense / e[f]) if dense else float("nan")),
+                vs_dense=own.get("ratio_dense", (dense / e[f]) if dense else float("nan")),
             ))
     return rows
 

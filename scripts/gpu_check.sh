@@ -22,7 +22,8 @@
 # copy results back); a benchmark cut short still leaves the cases it finished (the snapshot is rewritten after each).
 # Results go to $OUT (the lent machine's result folder; default ./gpu_check_out), 8 files at most.
 #
-# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,bench32"), TORCH_CUDA_ARCH_LIST
+# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,bench32"), GPU_CHECK_TEST_CAP
+# (240 s), GPU_CHECK_WORKLOAD_CAP (120 s), GPU_CHECK_XDIST (8 test processes when pytest-xdist is there), TORCH_CUDA_ARCH_LIST
 # (default: the visible GPU's), MAX_JOBS (default: all cores), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -97,15 +98,19 @@ export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 3. GPU tests
 if want tests; then
-    say "tests (limit $(limit 240)s)"
-    timeout "$(limit 240)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton or gpu" \
-        tests/test_cuda_build.py tests/test_ops.py tests/test_engine.py tests/test_run_indices.py \
-        tests/test_triton_kernel.py >"$OUT/tests.log" 2>&1
+    # pytest-xdist when present (Triton compiles its kernels on the CPU: 8 processes share that work); a worker
+    # whose CUDA context a device-side assert ended exits and is replaced (tests/conftest.py)
+    XDIST=()
+    "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-8}")
+    say "tests (limit $(limit "${GPU_CHECK_TEST_CAP:-240}")s, ${XDIST[*]:-no xdist})"
+    timeout "$(limit "${GPU_CHECK_TEST_CAP:-240}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${XDIST[@]}" \
+        -k "cuda or triton or gpu" tests/test_cuda_build.py tests/test_ops.py tests/test_engine.py \
+        tests/test_run_indices.py tests/test_triton_kernel.py >"$OUT/tests.log" 2>&1
     rc=$?
     say "tests rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
     # the CLI pipeline on the GPU (--device auto is cuda there): train / explain / evaluate on JPEG folders
-    timeout "$(limit 120)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "not peak_memory" \
-        tests/test_workloads.py >>"$OUT/tests.log" 2>&1
+    timeout "$(limit "${GPU_CHECK_WORKLOAD_CAP:-120}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+        -k "not peak_memory" tests/test_workloads.py >>"$OUT/tests.log" 2>&1
     say "workload tests rc=$?: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30 | tee -a "$OUT/summary.txt"
 fi

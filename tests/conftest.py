@@ -198,3 +198,15 @@ def fails(capsys, argv, *words, untouched=()):
     for p, snap in before.items():
         assert snapshot(p) == snap, f"{p} changed"
     return lines[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under pytest-xdist (scripts/gpu_check.sh): a test that ended its process's CUDA context with a device-side
+    assert takes the worker down with it, so that xdist starts a fresh one rather than failing every later test."""
+    outcome = yield
+    rep = outcome.get_result()
+    if (rep.failed and call.excinfo is not None and os.environ.get("PYTEST_XDIST_WORKER")
+            and "device-side assert" in str(call.excinfo.value)):
+        print(f"{item.nodeid}: device-side assert, this CUDA context is gone; ending the worker", flush=True)
+        os._exit(3)

@@ -302,6 +302,46 @@ def test_unreadable_jpeg_is_one_line_error(tmp_path, workers):
     assert got == [0, 1, 2, 3]
 
 
+class _CollectingFolder(FolderImages):
+    """Runs the garbage collector before every batch (in the worker processes when workers > 0)."""
+
+    def batch(self, idx):
+        import gc
+
+        gc.collect()
+        return super().batch(idx)
+
+
+class _Cycle:
+    """A reference cycle that writes the pid of the process that frees it (as a CUDA tensor would be freed)."""
+
+    def __init__(self, path):
+        self.path, self.me = path, self
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_workers_never_free_the_parents_garbage(mixed_folder, tmp_path):
+    """A forked worker must not free what the parent left (a failed call's traceback holding GPU tensors: CUDA
+    aborts in a forked process): the parent collects before the fork and the workers inherit a frozen heap."""
+    import gc
+
+    log = tmp_path / "freed"
+    f = _CollectingFolder(mixed_folder, Transform.from_options("none", image_size=16))
+    enabled = gc.isenabled()
+    gc.disable()  # nothing collects the cycle in the parent but the data loader itself
+    try:
+        _Cycle(str(log))
+        got = list(f.batches(4, workers=2))
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(got) == 3
+    assert log.read_text().split() == [str(os.getpid())]
+
+
 def test_progress_bar_counts_images(mixed_folder, capsys, monkeypatch):
     f = FolderImages(mixed_folder)
     list(f.batches(5, progress="decode"))

@@ -408,10 +408,35 @@ def test_bad_input_raises(backend, case):
     mutate, match, backends = BAD_INPUTS[case]
     if backends is not None and backend not in backends:
         pytest.skip(f"values are checked by the {'/'.join(backends)} backend only")
+    if backends is not None and backend_device(backend) != "cpu":
+        # a GPU reports a bad index value with a device-side assert, which ends the process's CUDA context (every
+        # later test would fail): checked on CPU tensors only
+        pytest.skip("index values on a GPU: device-side assert, not testable in-process")
     p = moved(_ok(), backend_device(backend))
     mutate(p, backend)  # on the backend's device
     with pytest.raises((RuntimeError, ValueError), match=match):
         backend_op(backend)(*op_args(p))
+
+
+@pytest.mark.parametrize("case", ["in_idx_range", "row_not_ascending"])
+def test_bad_index_value_on_a_gpu_is_a_device_assert_naming_it(backend, case):
+    """On a GPU the index values are checked without a synchronisation: a bad value is a device-side assert whose
+    message names it (run in a child process: the assert ends that process's CUDA context)."""
+    import subprocess
+    import sys
+
+    if backend_device(backend) == "cpu" or backend not in ("cuda", "triton"):
+        pytest.skip("GPU backends only")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r})\n"
+            "import torch, test_ops as t\n"
+            f"p = t.moved(t._ok(), {backend_device(backend)!r})\n"
+            f"t.BAD_INPUTS[{case!r}][0](p, {backend!r})\n"
+            f"t.backend_op({backend!r})(*t.op_args(p))\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=here)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "gathered_conv2d: " in r.stderr and "in_idx" in r.stderr, r.stderr[-3000:]
 
 
 # B = 4 in 3 groups (sample_group 0, 1, 2, 0): the good list is [0, 3, 1, 2 | 0, 2, 3 | 2, 1, 1], max_group 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import gc
 import gzip
 import importlib.util
 import math
@@ -409,6 +410,19 @@ def _first_item(batch):
     return batch
 
 
+def _start_workers(loader):
+    """``iter(loader)``, which forks the worker processes, with the parent's garbage collected first and every
+    inherited object frozen in the workers. A forked worker must never free a CUDA tensor (CUDA cannot be used after
+    a fork: the worker aborts): without this, a reference cycle left in the parent (e.g. a failed call's traceback
+    holding a batch on the GPU) could be collected by the worker's garbage collector."""
+    gc.collect()
+    gc.freeze()  # the workers inherit the frozen state: their collector never visits the parent's objects
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """A map-style Dataset over an :class:`ImageSet` whose ``__getitems__`` reads one whole batch (so a set such as
     :class:`NpzImages` reads its rows together); errors come back as :class:`_WorkerError` values."""
@@ -568,7 +582,7 @@ class ImageSet(abc.ABC):
     def _worker_batches(self, chunks, workers: int, pin: bool):
         loader = torch.utils.data.DataLoader(_BatchDataset(self), batch_sampler=chunks, num_workers=workers,
                                              collate_fn=_first_item, pin_memory=pin)
-        it = iter(loader)
+        it = _start_workers(loader)
         try:
             for out in it:
                 if isinstance(out, _WorkerError):
