@@ -102,10 +102,16 @@ if want tests; then
     # whose CUDA context a device-side assert ended exits and is replaced (tests/conftest.py)
     XDIST=()
     "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-8}")
+    # the compiled op's argument errors first, CPU and CUDA tensors, one process, verbose: on the H200 run of
+    # be658c2 a bad argument to the CUDA op crashed its process (segfault) instead of raising; -v names the case
+    timeout "$(limit 90)" "$PY" -m pytest -v -rfEs -p no:cacheprovider -p no:xdist -o faulthandler_timeout=60 \
+        -k "bad_input_raises and (cpu or cuda)" tests/test_ops.py >"$OUT/tests.log" 2>&1
+    say "op argument errors (cpu, cuda) rc=$?: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+    grep -E -B 2 "Fatal Python error" "$OUT/tests.log" | head -n 6 | sed 's/^/  crash: /' | tee -a "$OUT/summary.txt"
     say "tests (limit $(limit "${GPU_CHECK_TEST_CAP:-240}")s, ${XDIST[*]:-no xdist})"
     timeout "$(limit "${GPU_CHECK_TEST_CAP:-240}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${XDIST[@]}" \
-        -k "cuda or triton or gpu" tests/test_cuda_build.py tests/test_ops.py tests/test_engine.py \
-        tests/test_run_indices.py tests/test_triton_kernel.py >"$OUT/tests.log" 2>&1
+        -k "(cuda or triton or gpu) and not (bad_input_raises and cuda)" tests/test_cuda_build.py tests/test_ops.py \
+        tests/test_engine.py tests/test_run_indices.py tests/test_triton_kernel.py >>"$OUT/tests.log" 2>&1
     rc=$?
     say "tests rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
     # the CLI pipeline on the GPU (--device auto is cuda there): train / explain / evaluate on JPEG folders
