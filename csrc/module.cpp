@@ -1,6 +1,7 @@
 // The Python module gencnp_fast._C (pybind11). Importing it loads this shared library, which runs the
 // TORCH_LIBRARY registrations of csrc/ops.cpp and the kernels, so torch.ops.gencnp_fast.* appear. What is not a
-// tensor op is bound here: the run index planner (csrc/run_indices.h) with its kinds, and two diagnostics.
+// tensor op is bound here: the run index planner (csrc/run_indices.h) with its kinds, the cache guards' walk over a
+// model (csrc/fingerprint.cpp), and two diagnostics.
 #include <torch/csrc/utils/pybind.h>  // pybind11 with the at::Tensor caster
 
 #include <ATen/Parallel.h>
@@ -9,7 +10,8 @@
 #include "run_indices.h"
 
 namespace gencnp_fast {
-const char* cpu_kernel_isa();  // csrc/cpu/gathered_conv2d_cpu.cpp
+const char* cpu_kernel_isa();                 // csrc/cpu/gathered_conv2d_cpu.cpp
+pybind11::tuple model_fingerprint(pybind11::handle model);  // csrc/fingerprint.cpp
 }
 
 namespace py = pybind11;
@@ -20,6 +22,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_info", [] { return std::string(cpu_kernel_isa()); },
         "ISA the CPU kernel was compiled for ('avx2+fma' or 'generic-vector').");
   m.def("num_threads", [] { return at::get_num_threads(); }, "at::get_num_threads() as seen by the extension.");
+  m.def("model_fingerprint", &model_fingerprint, py::arg("model"),
+        "(module tree bytes, tensors bytes, hooked, first module in training mode or None, first parameter or "
+        "None): the cache guards' walk (src/gencnp_fast/model/guards.py).");
 
   py::enum_<SetKind>(m, "SetKind", "What a channel set of a RunProgram is.")
       .value("UNIT", SetKind::kUnit)

@@ -1,7 +1,7 @@
 // Operator schemas of gencnp_fast (one place for every backend).
 //
 // Backends register their kernels with TORCH_LIBRARY_IMPL(gencnp_fast, <Key>, m):
-//   csrc/cpu/gathered_conv2d_cpu.cpp   (CPU)
+//   csrc/cpu/gathered_conv2d_cpu.cpp   (CPU; gather_channels_cpu.cpp and max_pool2d_cpu.cpp for the other ops)
 //   csrc/cuda/*.cu                     (CUDA, built only when available)
 // Both read their arguments through one check, csrc/gathered_conv_params.h. The fake (meta) kernel lives in
 // src/gencnp_fast/ops.py (torch.library.register_fake); the Triton backend is the Python custom op
@@ -31,4 +31,7 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // x: [B, K, ...]; take: int64 [R, W] with R = 1 (one set for the batch) or B; keep: uint8 [R, W] or None (every
   // entry kept). Whole planes are copied (CPU: one memcpy per output channel).
   m.def("gather_channels(Tensor x, Tensor take, Tensor? keep) -> Tensor");
+  // F.max_pool2d without dilation or ceil mode (padding at most half the kernel; taps outside the input are
+  // skipped, NaN propagates): the pooling steps of a plan. CPU, float32 (csrc/cpu/max_pool2d_cpu.cpp).
+  m.def("max_pool2d(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
 }

@@ -16,6 +16,35 @@ from conftest import rel_err, skip_reason
 pytestmark = pytest.mark.skipif(skip_reason("cpu") is not None, reason=f"cpu: {skip_reason('cpu')}")
 
 
+@pytest.fixture(autouse=True, params=["compiled walk", "python walk"])
+def walk(request, monkeypatch):
+    """Every case with the compiled guard walk (csrc/fingerprint.cpp) and with the Python one (no extension)."""
+    from gencnp_fast.model import guards
+
+    if request.param == "python walk":
+        monkeypatch.setattr(guards, "_WALK", None)
+    else:
+        assert guards._WALK is not None
+    return request.param
+
+
+def test_both_walks_see_the_same_model(walk):
+    """The compiled walk reads what the Python walk reads: one (id, type) per module, one (id, version, pointer)
+    per tensor, the same hook, training and device answers."""
+    from gencnp_fast.model import guards
+
+    model, _, _ = _setup()
+    structure, tensors, hooked, training, first = guards._compiled_walk()(model)
+    py = guards._python_fingerprint(model, False)
+    assert len(structure) == 16 * len(py.structure) and len(tensors) == 24 * len(py.tensors)
+    assert (hooked, training, first.device) == (py.hooked, py.training, py.device) == (False, None, torch.device("cpu"))
+    model.features[3].train()
+    assert guards.fingerprint(model).training is model.features[3]
+    handle = model.features[2].register_forward_pre_hook(lambda m, i: None)
+    assert guards.fingerprint(model).hooked
+    handle.remove()
+    assert not guards.fingerprint(model).hooked
+
 def _setup(seed=0):
     torch.manual_seed(seed)
     model = models.randomize_bn(models.VGG(models.make_vgg_features([8, "M", 16, "M", 16], True), num_classes=6,

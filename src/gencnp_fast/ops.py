@@ -15,6 +15,9 @@ weight tiles into packed panels itself and reuses each over every sample of a gr
 ``torch.ops.gencnp_fast.gather_channels(x, take, keep) -> Tensor``: re-compaction of a compacted activation to
 another channel set, ``out[b, j] = keep[r, j] ? x[b, take[r, j]] : 0`` (``r = 0`` when ``take`` has one row, else
 ``b``); whole planes copied.
+
+``torch.ops.gencnp_fast.max_pool2d(x, kernel, stride, padding) -> Tensor``: ``F.max_pool2d`` without dilation or
+ceil mode, CPU float32, one pass over the input (the plan's pooling steps).
 """
 from __future__ import annotations
 
@@ -62,6 +65,14 @@ def _gather_channels_fake(x, take, keep=None):
     torch._check(keep is None or (keep.dtype == torch.uint8 and keep.shape == take.shape),
                  lambda: "gather_channels: keep must be uint8 shaped like take")
     return x.new_empty((x.shape[0], take.shape[1]) + tuple(x.shape[2:]))
+
+
+@torch.library.register_fake("gencnp_fast::max_pool2d")
+def _max_pool2d_fake(x, kernel, stride, padding):
+    torch._check(x.dim() == 4, lambda: f"max_pool2d: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel, "kernel"), pair(stride, "stride"), pair(padding, "padding")
+    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * ph - kh) // sh + 1,
+                        (x.shape[3] + 2 * pw - kw) // sw + 1))
 
 
 def gathered_conv2d(

@@ -42,18 +42,38 @@ def invalidate(model: nn.Module) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Fingerprint:
-    structure: tuple  # (id, type) of every module, in walk order
-    tensors: tuple  # (id, version, data_ptr) of every parameter and buffer
+    structure: object  # (id, type) of every module, in walk order (bytes from the compiled walk, else a tuple)
+    tensors: object  # (id, version, data_ptr) of every parameter and buffer (likewise)
     hooked: bool  # a forward hook or pre-hook on some module, or a global one
     training: object  # the first module found in training mode, or None
     device: object  # the device of the first parameter, or None
 
 
+def _compiled_walk():
+    try:
+        from .. import _C
+
+        return _C.model_fingerprint
+    except (ImportError, AttributeError):  # no compiled extension: the Python walk (same guards, slower)
+        return None
+
+
+_WALK = _compiled_walk()
+
+
 def fingerprint(model: nn.Module) -> Fingerprint:
-    """The model's :class:`Fingerprint`, in one plain walk over the module tree (cheaper than ``named_modules``:
-    this runs on every call)."""
-    structure, tensors = [], []
+    """The model's :class:`Fingerprint`, in one walk over the module tree: the compiled walk
+    (csrc/fingerprint.cpp, ~10x faster: this runs on every call), or the same walk in Python without the extension.
+    Two fingerprints of a model compare equal exactly when nothing the guards watch has changed."""
     hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    if _WALK is not None:
+        structure, tensors, any_hook, training, first = _WALK(model)
+        return Fingerprint(structure, tensors, hooked or any_hook, training, None if first is None else first.device)
+    return _python_fingerprint(model, hooked)
+
+
+def _python_fingerprint(model: nn.Module, hooked: bool) -> Fingerprint:
+    structure, tensors = [], []
     training = device = None
     stack = [model]
     while stack:
