@@ -12,6 +12,10 @@
 namespace gencnp_fast {
 const char* cpu_kernel_isa();                 // csrc/cpu/gathered_conv2d_cpu.cpp
 pybind11::tuple model_fingerprint(pybind11::handle model);  // csrc/fingerprint.cpp
+at::Tensor gru_sequence(const at::Tensor& inputs, const at::Tensor& h0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                        const c10::optional<at::Tensor>& b_hh);  // csrc/generator_ops.cpp
+void pool_units(const std::vector<at::Tensor>& features, at::Tensor& pooled);
 }
 
 namespace py = pybind11;
@@ -25,6 +29,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("model_fingerprint", &model_fingerprint, py::arg("model"),
         "(module tree bytes, tensors bytes, hooked, first module in training mode or None, first parameter or "
         "None): the cache guards' walk (src/gencnp_fast/model/guards.py).");
+  m.def("gru_sequence", &gru_sequence, py::arg("inputs"), py::arg("h0"), py::arg("w_ih"), py::arg("w_hh"),
+        py::arg("b_ih") = py::none(), py::arg("b_hh") = py::none(),
+        "[T, B, H]: the GRU states over inputs [T, B, I] from h0 [B, H] (torch's equations), CPU float32, no "
+        "autograd: the generator at small batch (csrc/generator_ops.cpp).");
+  m.def("pool_units", &pool_units, py::arg("features"), py::arg("pooled"),
+        "Global average and max of each feature map [B, C, ...] into pooled[l, :, :C] and pooled[l, :, C:2C].");
 
   py::enum_<SetKind>(m, "SetKind", "What a channel set of a RunProgram is.")
       .value("UNIT", SetKind::kUnit)

@@ -187,3 +187,82 @@ def test_inference_path_matches_the_autograd_path():
             gen.rpd.heads[0].weight.add_(0.5)
             gen.rfe.embed[1].proj.bias.sub_(0.25)
             gen.rfe.embed[0].norm.weight.mul_(1.5)  # the cached LayerNorm affine stack too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compiled small-batch helpers of the inference path (csrc/generator_ops.cpp)
+
+@pytest.mark.parametrize("T,B,I,H,bias", [(6, 1, 64, 64, True), (1, 1, 3, 5, True), (7, 16, 20, 9, True),
+                                          (4, 3, 11, 13, False)])
+def test_compiled_gru_sequence_matches_torch(T, B, I, H, bias):
+    from gencnp_fast import _C
+
+    g = torch.Generator().manual_seed(T * 100 + B)
+    cell = torch.nn.GRUCell(I, H, bias=bias)
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, H, generator=g)
+    params = [cell.weight_ih, cell.weight_hh] + ([cell.bias_ih, cell.bias_hh] if bias else [])
+    with torch.no_grad():
+        want, _ = torch._VF.gru(x, h0.unsqueeze(0), params, bias, 1, 0.0, False, False, False)
+        got = _C.gru_sequence(x, h0, *params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_gru_sequence_refuses_bad_shapes():
+    from gencnp_fast import _C
+
+    cell = torch.nn.GRUCell(4, 6)
+    x, h0 = torch.randn(3, 2, 4), torch.randn(2, 6)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"h0 must be \[B, H\]"):
+            _C.gru_sequence(x, h0[:1], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        with pytest.raises(RuntimeError, match=r"w_ih must be \[3H, I\]"):
+            _C.gru_sequence(x[..., :3], h0, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        with pytest.raises(RuntimeError, match="float32"):
+            _C.gru_sequence(x.double(), h0, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        with pytest.raises(RuntimeError, match="both biases or none"):
+            _C.gru_sequence(x, h0, cell.weight_ih, cell.weight_hh, cell.bias_ih, None)
+
+
+def test_compiled_pooling_matches_mean_and_amax():
+    from gencnp_fast import _C
+
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(2, 5, 9, 7, generator=g), torch.randn(2, 3, 1, 1, generator=g),
+             torch.randn(2, 6, generator=g), torch.randn(2, 4, 33, generator=g)]
+    feats[0][1, 2, 4, 4] = float("nan")
+    feats[3][0, 1, 7] = float("inf")
+    feats[3][0, 2, :] = float("-inf")
+    pooled = torch.full((4, 2, 14), 7.0)
+    _C.pool_units(feats, pooled)
+    for l, f in enumerate(feats):
+        c = f.shape[1]
+        mean, mx = (f, f) if f.dim() == 2 else (f.flatten(2).mean(2), f.flatten(2).amax(2))
+        torch.testing.assert_close(pooled[l, :, :c], mean, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(pooled[l, :, c:2 * c].isnan(), mx.isnan())
+        assert torch.equal(pooled[l, :, c:2 * c].nan_to_num(), mx.nan_to_num())
+        assert (pooled[l, :, 2 * c:] == 7.0).all()  # the padding is left alone
+    with pytest.raises(RuntimeError, match="the buffer holds"):
+        _C.pool_units([torch.randn(2, 9, 3, 3)], torch.zeros(1, 2, 14))
+    with pytest.raises(RuntimeError, match="with B = 2"):
+        _C.pool_units([torch.randn(3, 5, 3, 3)], torch.zeros(1, 2, 14))
+
+
+@pytest.mark.parametrize("batch", [1, 16, 17])
+def test_inference_path_on_both_sides_of_the_small_batch_limit(batch):
+    """Up to SMALL_BATCH samples the recurrences and poolings run in the compiled helpers, above it in ATen: both
+    give the autograd path's scores and masks."""
+    from gencnp_fast.generator import rfe
+
+    assert rfe.SMALL_BATCH == 16
+    torch.manual_seed(1)
+    target = tiny_vgg()
+    x = torch.randn(batch, 1, 28, 28)
+    gen = GenCNP(target, x[:1], d=16, code_dim=8).eval()
+    logits, feats = capture_units(target, x)
+    feats = {k: v.detach() for k, v in feats.items()}
+    with torch.enable_grad():
+        a = gen.from_features(feats, logits.detach(), "hard")
+    with torch.no_grad():
+        b = gen.from_features(feats, logits.detach(), "hard")
+    for n in gen.unit_names:
+        torch.testing.assert_close(b.scores[n], a.scores[n].detach(), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ activation scales differ by orders of magnitude). A GRU cell then runs over dept
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch.nn.functional as F
 
@@ -18,14 +18,37 @@ import torch.nn as nn
 __all__ = ["UnitEmbedding", "RecursiveFeatureEmbedder", "pool_feature", "run_gru_cell", "stacked_linears"]
 
 
-def stacked_linears(owner: nn.Module, linears: Sequence[nn.Linear]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _compiled():
+    try:
+        from .. import _C
+
+        return _C
+    except ImportError:  # no compiled extension: the ATen paths below
+        return None
+
+
+_C = _compiled()
+SMALL_BATCH = 16  # up to this batch the inference recurrences and poolings run in the compiled helpers
+
+
+def params_key(owner: nn.Module):
+    """What a cache of ``owner``'s derived tensors is keyed on: the identity, version and storage of every
+    parameter and buffer of ``owner`` (the compiled walk where the extension is there: one call)."""
+    if _C is not None:
+        return _C.model_fingerprint(owner)[1]
+    return tuple((id(p), p._version, p.data_ptr()) for p in list(owner.parameters()) + list(owner.buffers()))
+
+
+def stacked_linears(owner: nn.Module, linears: Callable[[], Sequence[nn.Linear]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(W [L, in_max, out_max], b [L, 1, out_max])``: the ``L`` linear maps of different sizes as one zero-padded
     stack, for ``torch.baddbmm`` over units at inference (one call instead of L). Cached on ``owner`` and rebuilt
-    when any of their parameters changes (identity, version or storage)."""
-    key = tuple((id(p), p._version, p.data_ptr()) for lin in linears for p in (lin.weight, lin.bias) if p is not None)
+    when any parameter of ``owner`` changes (identity, version or storage): ``linears`` is a callable that lists
+    them, called only then."""
+    key = params_key(owner)
     hit = getattr(owner, "_stacked_linears", None)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
+    linears = list(linears())
     n_in = max(lin.in_features for lin in linears)
     n_out = max(lin.out_features for lin in linears)
     ref = linears[0].weight
@@ -45,6 +68,11 @@ def run_gru_cell(cell: nn.GRUCell, inputs: torch.Tensor, h0: torch.Tensor) -> to
     the GRU cell's recurrence in one call of torch's sequence GRU (the kernel behind ``nn.GRU``) with the cell's
     own parameters, instead of T calls of a dozen small ops each (the cost of a batch-1 explanation)."""
     params = [cell.weight_ih, cell.weight_hh] + ([cell.bias_ih, cell.bias_hh] if cell.bias else [])
+    if (_C is not None and not torch.is_grad_enabled() and inputs.shape[1] <= SMALL_BATCH
+            and inputs.device.type == "cpu" and inputs.dtype == torch.float32 and h0.dtype == torch.float32):
+        # inference at small batch: the whole recurrence in one compiled call (torch's GRU issues ~15 ATen calls
+        # per step, the batch-1 cost of an explanation)
+        return _C.gru_sequence(inputs, h0, *params)
     out, _ = torch._VF.gru(inputs, h0.unsqueeze(0), params, cell.bias, 1, 0.0, cell.training, False, False)
     return out
 
@@ -100,9 +128,13 @@ class RecursiveFeatureEmbedder(nn.Module):
         """``[L, B, d]``: the embeddings of :meth:`forward` without autograd, the L linear maps as one baddbmm.
         Each unit's pooling writes straight into its rows of one zero-padded buffer (the batch-1 cost is the count
         of small ops)."""
-        w, b = stacked_linears(self, [emb.proj for emb in self.embed])
+        w, b = stacked_linears(self, lambda: [emb.proj for emb in self.embed])
         gamma, beta = self._norm_affine()
         pooled = features[0].new_zeros(len(features), features[0].shape[0], w.shape[1])
+        if (_C is not None and pooled.shape[1] <= SMALL_BATCH
+                and all(f.device.type == "cpu" and f.dtype == torch.float32 for f in features)):
+            _C.pool_units(list(features), pooled)  # one call instead of two per unit
+            features = ()
         for l, f in enumerate(features):
             c = f.shape[1]
             if f.dim() == 2:
@@ -117,8 +149,7 @@ class RecursiveFeatureEmbedder(nn.Module):
 
     def _norm_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The LayerNorms' weights and biases stacked ``[L, 1, d]``, cached like :func:`stacked_linears`."""
-        params = [p for emb in self.embed for p in (emb.norm.weight, emb.norm.bias)]
-        key = tuple((id(p), p._version, p.data_ptr()) for p in params)
+        key = params_key(self)
         hit = getattr(self, "_stacked_norm", None)
         if hit is None or hit[0] != key:
             gamma = torch.stack([emb.norm.weight.detach() for emb in self.embed]).unsqueeze(1)

@@ -41,6 +41,6 @@ class RecursivePathwayDecoder(nn.Module):
         g = run_gru_cell(self.cell, inputs, g0).flip(0)  # back to unit order
         if torch.is_grad_enabled():
             return [torch.sigmoid(head(g[l])) for l, head in enumerate(self.heads)]
-        w, b = stacked_linears(self, list(self.heads))  # inference: every head in one batched product
+        w, b = stacked_linears(self, lambda: list(self.heads))  # inference: every head in one batched product
         s = torch.sigmoid(torch.baddbmm(b, g, w))
         return [s[l, :, : head.out_features] for l, head in enumerate(self.heads)]
