@@ -19,7 +19,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import gencnp_fast as g
 from gencnp_fast import models
@@ -27,25 +26,6 @@ from gencnp_fast.plan.cache import get_plan
 from gencnp_fast.plan.lowering import StridedMaxPool
 from gencnp_fast.plan.steps import ChannelwiseStep
 from gencnp_fast.runtime import maybe_tune_allocator
-
-
-def strided_maxima(pool: StridedMaxPool):
-    """The strided-slice maxima (the path StridedMaxPool takes off CPU float32), as a step function."""
-    (kh, kw), (sh, sw), (ph, pw) = pool.kernel, pool.stride, pool.padding
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        ho, wo = (t.shape[-2] + 2 * ph - kh) // sh + 1, (t.shape[-1] + 2 * pw - kw) // sw + 1
-        if ph or pw:
-            t = F.pad(t, (pw, pw, ph, ph), value=float("-inf"))
-        cols = t[..., :, 0: sw * (wo - 1) + 1: sw]
-        for dx in range(1, kw):
-            cols = torch.maximum(cols, t[..., :, dx: dx + sw * (wo - 1) + 1: sw])
-        out = cols[..., 0: sh * (ho - 1) + 1: sh, :]
-        for dy in range(1, kh):
-            out = torch.maximum(out, cols[..., dy: dy + sh * (ho - 1) + 1: sh, :])
-        return out
-
-    return fn
 
 
 def main() -> None:
@@ -72,7 +52,7 @@ def main() -> None:
             continue
         new[i] = st.fn
         if isinstance(st.fn, StridedMaxPool):
-            old[i] = strided_maxima(st.fn)
+            old[i] = st.fn.strided
         elif isinstance(modules.get(st.name), nn.AdaptiveAvgPool2d):
             old[i] = modules[st.name]
         else:

@@ -164,6 +164,18 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(tmp_path):
         GenCNP.load(tmp_path / "missing.pt", target)
 
 
+def autograd_and_inference_agree(gen, feats, logits):
+    """The generator's scores, masks and code with autograd (the per-unit training path) and without (batched)."""
+    with torch.enable_grad():
+        a = gen.from_features(feats, logits.detach(), "hard")
+    with torch.no_grad():
+        b = gen.from_features(feats, logits.detach(), "hard")
+    for n in gen.unit_names:
+        torch.testing.assert_close(b.scores[n], a.scores[n].detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(b.pathway[n], a.pathway[n])
+    torch.testing.assert_close(b.code, a.code.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_inference_path_matches_the_autograd_path():
     """Without autograd the generator runs its units batched (the GRU recurrences in one call each, the per-unit
     embeddings and heads as one baddbmm over a cached, zero-padded weight stack): the same scores and masks as the
@@ -175,14 +187,7 @@ def test_inference_path_matches_the_autograd_path():
     logits, feats = capture_units(target, x)
     feats = {k: v.detach() for k, v in feats.items()}
     for step in range(2):
-        with torch.enable_grad():
-            a = gen.from_features(feats, logits.detach(), "hard")
-        with torch.no_grad():
-            b = gen.from_features(feats, logits.detach(), "hard")
-        for n in gen.unit_names:
-            torch.testing.assert_close(b.scores[n], a.scores[n].detach(), rtol=1e-5, atol=1e-6)
-            assert torch.equal(b.pathway[n], a.pathway[n])
-        torch.testing.assert_close(b.code, a.code.detach(), rtol=1e-5, atol=1e-6)
+        autograd_and_inference_agree(gen, feats, logits)
         with torch.no_grad():  # an optimizer step's in-place update: the cached stacks must follow
             gen.rpd.heads[0].weight.add_(0.5)
             gen.rfe.embed[1].proj.bias.sub_(0.25)
@@ -260,9 +265,4 @@ def test_inference_path_on_both_sides_of_the_small_batch_limit(batch):
     gen = GenCNP(target, x[:1], d=16, code_dim=8).eval()
     logits, feats = capture_units(target, x)
     feats = {k: v.detach() for k, v in feats.items()}
-    with torch.enable_grad():
-        a = gen.from_features(feats, logits.detach(), "hard")
-    with torch.no_grad():
-        b = gen.from_features(feats, logits.detach(), "hard")
-    for n in gen.unit_names:
-        torch.testing.assert_close(b.scores[n], a.scores[n].detach(), rtol=1e-5, atol=1e-6)
+    autograd_and_inference_agree(gen, feats, logits)

@@ -373,6 +373,10 @@ class StridedMaxPool:
 
                 self._op = torch.ops.gencnp_fast.max_pool2d.default
             return self._op(t, *self._args)
+        return self.strided(t)
+
+    def strided(self, t: torch.Tensor) -> torch.Tensor:
+        """The strided-slice maxima (any device and dtype)."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         ho = (t.shape[-2] + 2 * ph - kh) // sh + 1
         wo = (t.shape[-1] + 2 * pw - kw) // sw + 1
