@@ -32,6 +32,7 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // entry kept). Whole planes are copied (CPU: one memcpy per output channel).
   m.def("gather_channels(Tensor x, Tensor take, Tensor? keep) -> Tensor");
   // F.max_pool2d without dilation or ceil mode (padding at most half the kernel; taps outside the input are
-  // skipped, NaN propagates): the pooling steps of a plan. CPU, float32 (csrc/cpu/max_pool2d_cpu.cpp).
+  // skipped, NaN propagates): the pooling steps of a plan. CPU float32: csrc/cpu/max_pool2d_cpu.cpp; every other
+  // device and dtype: ATen's max_pool2d (csrc/max_pool2d.cpp).
   m.def("max_pool2d(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
 }

@@ -81,7 +81,6 @@ void row_maxima(const float* row, int64_t W, int64_t Wo, int64_t kw, int64_t sw,
 at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                           at::IntArrayRef padding) {
   TORCH_CHECK(x_in.device().is_cpu(), "max_pool2d: x must be a CPU tensor here, got ", x_in.device());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "max_pool2d: x must be float32, got ", x_in.scalar_type());
   TORCH_CHECK(x_in.dim() == 4, "max_pool2d: x must be [B, C, H, W], got shape ", x_in.sizes());
   int64_t kh, kw, sh, sw, ph, pw;
   pair_arg(kernel, "kernel", 1, kh, kw);
@@ -89,6 +88,9 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::In
   pair_arg(padding, "padding", 0, ph, pw);
   TORCH_CHECK(2 * ph <= kh && 2 * pw <= kw, "max_pool2d: padding ", padding, " must be at most half the kernel ",
               kernel);
+  if (x_in.scalar_type() != at::kFloat) {  // other dtypes: ATen's kernel (the same values)
+    return at::max_pool2d(x_in, kernel, stride, padding, /*dilation=*/{1, 1}, /*ceil_mode=*/false);
+  }
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw, "max_pool2d: input ", H, "x", W, " with padding ", padding,
