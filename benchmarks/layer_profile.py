@@ -7,6 +7,10 @@ ideal ratio). Non-conv steps (re-compaction, pooling, flatten) are listed with t
 the Python step loop appear as their own rows.
 
     python benchmarks/layer_profile.py --model resnet50 --size 224 --batch 8 --density 0.25 --sharing per_sample
+    python benchmarks/layer_profile.py --model vgg16 --batch 64 --device cuda --backend triton   # on a GPU
+
+On a GPU every timed region ends with ``torch.cuda.synchronize()`` (steps included) and float32 runs without TF32,
+as in ``benchmarks/test_bench_gpu.py``.
 """
 
 from __future__ import annotations
@@ -31,16 +35,22 @@ from gencnp_fast.plan.interpreter import run_plan
 from gencnp_fast.plan.steps import ConvStep
 
 
-def _dense_layer_ms(st: ConvStep, batch: int, rounds: int) -> float:
-    x = torch.randn((batch,) + tuple(st.in_shape))
+def _nothing() -> None:
+    pass
+
+
+def _dense_layer_ms(st: ConvStep, batch: int, rounds: int, sync=_nothing) -> float:
+    x = torch.randn((batch,) + tuple(st.in_shape), device=st.weight.device)
     if st.linear:
         x = x.reshape(batch, -1, 1, 1)
     ts = []
     for r in range(rounds + 1):
+        sync()
         t0 = time.perf_counter()
         y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
         if st.relu:
             y.relu_()
+        sync()
         if r:
             ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
@@ -55,31 +65,43 @@ def main() -> None:
     ap.add_argument("--sharing", choices=["shared", "per_class", "per_sample"], default="per_sample")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=0, help="only the N slowest steps (0: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--backend", default=None, help="conv backend (default: cpu on the CPU, cuda on a GPU)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    backend = args.backend or ("cpu" if device.type == "cpu" else "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else _nothing
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     from gencnp_fast.runtime import maybe_tune_allocator
 
     maybe_tune_allocator()
     model = models.randomize_bn(getattr(models, args.model)(), torch.Generator().manual_seed(0)).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    model, x = model.to(device), x.to(device)
     units = g.pathway_units(model, x)
     gen = torch.Generator().manual_seed(2)
     groups = torch.arange(args.batch) % 10 if args.sharing == "per_class" else None
     path = g.Pathway.random(units, args.density, None if args.sharing == "shared" else args.batch, groups=groups,
-                            generator=gen)
+                            generator=gen).to(device)
     masks = normalize_masks(cached_units(model, x), path, x)
     plan = get_plan(model, x, frozenset(masks))
-    conv = conv_backend("cpu")
+    conv = conv_backend(backend)
     cost = {c["name"]: c for c in pathway_flops(model, path, x)["layers"]}
     times: Dict[int, List[float]] = {}
     plan_ms, total_ms, dense_ms = [], [], []
     with torch.no_grad():
         for r in range(args.rounds + 1):
+            sync()
             t0 = time.perf_counter()
             model(x)
+            sync()
             t1 = time.perf_counter()
             indices = plan_run(plan, masks_to_host(masks), args.batch, x.device)
             t2 = time.perf_counter()
-            run_plan(plan, indices, x, conv, step_seconds=times)
+            run_plan(plan, indices, x, conv, step_seconds=times, sync=None if device.type == "cpu" else sync)
+            sync()
             t3 = time.perf_counter()
             if r:
                 dense_ms.append(1e3 * (t1 - t0))
@@ -93,7 +115,7 @@ def main() -> None:
         if isinstance(st, ConvStep):
             c = cost[st.name]
             ideal = c["dense_macs"] / max(c["pathway_macs"], 1.0)
-            dense = _dense_layer_ms(st, args.batch, args.rounds)
+            dense = _dense_layer_ms(st, args.batch, args.rounds, sync)
             rows.append((ms, f"{st.name:28s} conv {tuple(st.in_shape)}->{st.out_shape[0]:4d} {ms:8.2f} ms  dense "
                              f"{dense:8.2f} ms  ideal x{ideal:5.1f}  frac {dense / ms / ideal:5.2f}"))
         else:

@@ -14,7 +14,9 @@
 #                                                                                -> bench.log, gpu_<card>_mustreach.json
 #      then explain throughput (images/s) of ResNet-50 at 224x224, batch 256, beside cuDNN's dense forward
 #                                                                                -> gpu_<card>_throughput.json
-#   5. if time is left: VGG-16-BN and ResNet-18 at 32x32, batch 64, shared / per-class / per-sample, density 0.5 / 0.25
+#   5. a per-layer profile of VGG-16 224x224 batch 64 per sample d0.25 for each backend (benchmarks/layer_profile.py:
+#      each conv against cuDNN's dense layer and the ideal)                      -> summary.txt
+#   6. if time is left: VGG-16-BN and ResNet-18 at 32x32, batch 64, shared / per-class / per-sample, density 0.5 / 0.25
 #                                                                                -> gpu_<card>_cifar.json
 #   Every benchmark table is also appended to summary.txt (8 files at most come back from a lent machine).
 #
@@ -22,7 +24,7 @@
 # copy results back); a benchmark cut short still leaves the cases it finished (the snapshot is rewritten after each).
 # Results go to $OUT (the lent machine's result folder; default ./gpu_check_out), 8 files at most.
 #
-# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,bench32"), GPU_CHECK_TEST_CAP
+# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,profile,bench32"), GPU_CHECK_TEST_CAP
 # (240 s), GPU_CHECK_WORKLOAD_CAP (120 s), GPU_CHECK_XDIST (8 test processes when pytest-xdist is there), TORCH_CUDA_ARCH_LIST
 # (default: the visible GPU's), MAX_JOBS (default: all cores), PYTHON (default python3).
 set -uo pipefail
@@ -32,7 +34,7 @@ OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
-STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,throughput,bench32},"
+STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,throughput,profile,bench32},"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
@@ -140,6 +142,15 @@ if want bench; then
 fi
 if want throughput; then  # explain throughput, ResNet-50 224x224 batch 256, against cuDNN's dense forward
     BENCH_FILE=benchmarks/test_bench_throughput.py GENCNP_BENCH_MODELS=resnet50 bench throughput 120
+fi
+if want profile; then  # where the GPU kernels lose: per layer against cuDNN's dense layer and the ideal
+    for be in cuda triton; do
+        cap=$(limit 60)
+        if (( cap < 20 )); then say "skip profile $be: ${cap}s left"; continue; fi
+        say "layer profile, VGG-16 224x224 batch 64 per sample d0.25, $be (limit ${cap}s)"
+        timeout "$cap" "$PY" benchmarks/layer_profile.py --model vgg16 --size 224 --batch 64 --density 0.25 \
+            --sharing per_sample --rounds 3 --device cuda --backend "$be" 2>&1 | tee -a "$OUT/summary.txt" | tail -n 3
+    done
 fi
 if want bench32; then
     GENCNP_BENCH_MODELS=vgg16_bn_cifar,resnet18_cifar GENCNP_BENCH_BATCHES=64 \

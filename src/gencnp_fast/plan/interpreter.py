@@ -96,15 +96,19 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
 
 def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[ConvFn],
              env_out: Optional[Dict[str, torch.Tensor]] = None,
-             step_seconds: Optional[Dict[int, List[float]]] = None) -> torch.Tensor:
+             step_seconds: Optional[Dict[int, List[float]]] = None,
+             sync: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Run ``plan`` on ``x`` with the run's ``indices`` (:func:`~gencnp_fast.plan.indices.plan_run`, or the tests'
     oracle planner) and the conv backend ``conv``; with ``env_out`` (a dict) every value slot is left in it, and
     with ``step_seconds`` (a dict) each step's wall time is appended under its index (``benchmarks/layer_profile.py``;
-    on a GPU the times are launch times unless the caller synchronises)."""
+    on a GPU pass ``sync=torch.cuda.synchronize``, called around each timed step, else the times are launch
+    times)."""
     b = x.shape[0]
     env: Dict[str, torch.Tensor] = {plan.input_slot: x}
     for i, st in enumerate(plan.steps):
         src = env[st.src]
+        if step_seconds is not None and sync is not None:
+            sync()
         t0 = time.perf_counter() if step_seconds is not None else 0.0
         if isinstance(st, ConvStep):
             y = _conv_step(st, src, env, indices, conv)
@@ -115,6 +119,8 @@ def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[Co
         else:
             y = _remap_step(st, src, env, indices)
         if step_seconds is not None:
+            if sync is not None:
+                sync()
             step_seconds.setdefault(i, []).append(time.perf_counter() - t0)
         env[st.dst] = y
     if env_out is not None:
