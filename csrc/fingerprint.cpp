@@ -35,7 +35,8 @@ py::object attr(PyObject* obj, PyObject* name) {
   return py::reinterpret_steal<py::object>(v);
 }
 
-void add_tensors(PyObject* dict, std::vector<int64_t>& out, py::object& first) {
+// Appends (identity, version, data pointer) of every tensor in ``dict``; ``first`` (if given) keeps the first one.
+void add_tensors(PyObject* dict, std::vector<int64_t>& out, py::object* first) {
   if (dict == nullptr || !PyDict_Check(dict)) return;
   PyObject *key, *value;
   Py_ssize_t pos = 0;
@@ -50,7 +51,7 @@ void add_tensors(PyObject* dict, std::vector<int64_t>& out, py::object& first) {
       out.push_back(-1);
       out.push_back(-1);
     }
-    if (first.is_none()) first = py::reinterpret_borrow<py::object>(value);
+    if (first != nullptr && first->is_none()) *first = py::reinterpret_borrow<py::object>(value);
   }
 }
 
@@ -66,7 +67,7 @@ py::tuple model_fingerprint(py::handle model) {
   std::vector<int64_t> structure, tensors;
   structure.reserve(256);
   tensors.reserve(1024);
-  py::object training = py::none(), first_param = py::none(), unused = py::none();
+  py::object training = py::none(), first_param = py::none();
   bool hooked = false;
   std::vector<py::object> stack{py::reinterpret_borrow<py::object>(model)};
   while (!stack.empty()) {
@@ -81,8 +82,8 @@ py::tuple model_fingerprint(py::handle model) {
       if (is_training < 0) throw py::error_already_set();
       if (is_training) training = mod;
     }
-    add_tensors(attr(m, k_params).ptr(), tensors, first_param);
-    add_tensors(attr(m, k_buffers).ptr(), tensors, unused);
+    add_tensors(attr(m, k_params).ptr(), tensors, &first_param);
+    add_tensors(attr(m, k_buffers).ptr(), tensors, nullptr);
     py::object children = attr(m, k_modules);
     if (PyDict_Check(children.ptr())) {
       PyObject *key, *value;

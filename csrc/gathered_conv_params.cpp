@@ -1,6 +1,8 @@
 // The one argument check of gencnp_fast::gathered_conv2d (see gathered_conv_params.h).
 #include "gathered_conv_params.h"
 
+#include "common.h"
+
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -9,13 +11,6 @@ namespace gencnp_fast {
 namespace {
 
 constexpr const char* kOp = "gathered_conv2d: ";
-
-void pair_param(at::IntArrayRef v, const char* name, int64_t lo, int64_t& a, int64_t& b) {
-  TORCH_CHECK(v.size() == 1 || v.size() == 2, kOp, name, " must have 1 or 2 values, got ", v.size());
-  a = v[0];
-  b = v.size() == 1 ? v[0] : v[1];
-  TORCH_CHECK(a >= lo && b >= lo, kOp, name, " must be >= ", lo, ", got ", v);
-}
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Device& device, int64_t dim) {
   TORCH_CHECK(t.defined(), kOp, name, " is undefined");
@@ -191,9 +186,9 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
   TORCH_CHECK(sample_group.size(0) == p.B, kOp, "sample_group must be [B] = [", p.B, "], got ",
               sample_group.sizes());
   TORCH_CHECK(p.kh >= 1 && p.kw >= 1, kOp, "weight has an empty kernel ", weight.sizes());
-  pair_param(stride, "stride", 1, p.sh, p.sw);
-  pair_param(padding, "padding", 0, p.ph, p.pw);
-  pair_param(dilation, "dilation", 1, p.dh, p.dw);
+  pair_arg(stride, kOp, "stride", 1, p.sh, p.sw);
+  pair_arg(padding, kOp, "padding", 0, p.ph, p.pw);
+  pair_arg(dilation, kOp, "dilation", 1, p.dh, p.dw);
   const int64_t span_h = p.H + 2 * p.ph - p.dh * (p.kh - 1) - 1, span_w = p.W + 2 * p.pw - p.dw * (p.kw - 1) - 1;
   TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, "input ", p.H, "x", p.W, " is smaller than the (dilated) kernel ",
               p.kh, "x", p.kw, " with padding ", padding);

@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -26,8 +28,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
-// a where a > b or a is NaN, else b: NaN from either side propagates (branch-free, so loops vectorise)
-inline float nanmax(float a, float b) { return ((a > b) | (a != a)) ? a : b; }
 
 void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim, name,

@@ -534,9 +534,9 @@ def run_demo(out_dir: str, quick: bool = False, quiet: bool = False, seed: int =
 def cmd_demo(args) -> None:
     _check_out_dir(args.out)
     run_demo(args.out, quick=args.quick, quiet=args.quiet, seed=args.seed, place=_placement(args),
-             epochs=args.epochs,
-             target_epochs=args.target_epochs, limit=args.limit, test_limit=args.test_limit, width=args.width,
-             model=args.model, timing=False if args.no_timing else None, suite=False if args.no_suite else None)
+             epochs=args.epochs, target_epochs=args.target_epochs, limit=args.limit, test_limit=args.test_limit,
+             width=args.width, model=args.model, timing=False if args.no_timing else None,
+             suite=False if args.no_suite else None)
 
 
 # Parser ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ the permutation ``randperm(N, generator seeded (seed·1000003 + e))`` is cut int
 ``batch_size``; global batch ``b`` is split into ``world_size`` contiguous slices (``torch.tensor_split``: sizes
 differ by at most one, equal when ``world_size`` divides the batch) and rank ``r`` takes slice ``r``
 (``_Trainer._steps`` in :mod:`gencnp_fast.generator.train`). Every rank computes the same permutation, so no
-sampler state is exchanged, and reads only the images of its own slices. The generator is wrapped in ``DistributedDataParallel`` (:func:`wrap_generator`; the frozen target is not: it has no trainable
+sampler state is exchanged, and reads only the images of its own slices. The generator is wrapped in
+``DistributedDataParallel`` (:func:`wrap_generator`; the frozen target is not: it has no trainable
 parameters; the generator has no batch norm, only LayerNorm, so no SyncBatchNorm is needed). Every rank runs the
 one training loss, :func:`gencnp_fast.generator.gencnp_loss`, on its slice; it equals the single-process loss of
 the global batch:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torch
 import torch.nn as nn
 
+from ..model.guards import tensors_key
+
 __all__ = ["UnitEmbedding", "RecursiveFeatureEmbedder", "pool_feature", "run_gru_cell", "stacked_linears"]
 
 
@@ -31,20 +33,13 @@ _C = _compiled()
 SMALL_BATCH = 16  # up to this batch the inference recurrences and poolings run in the compiled helpers
 
 
-def params_key(owner: nn.Module):
-    """What a cache of ``owner``'s derived tensors is keyed on: the identity, version and storage of every
-    parameter and buffer of ``owner`` (the compiled walk where the extension is there: one call)."""
-    if _C is not None:
-        return _C.model_fingerprint(owner)[1]
-    return tuple((id(p), p._version, p.data_ptr()) for p in list(owner.parameters()) + list(owner.buffers()))
-
-
-def stacked_linears(owner: nn.Module, linears: Callable[[], Sequence[nn.Linear]]) -> Tuple[torch.Tensor, torch.Tensor]:
+def stacked_linears(owner: nn.Module, linears: Callable[[], Sequence[nn.Linear]],
+                    key=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(W [L, in_max, out_max], b [L, 1, out_max])``: the ``L`` linear maps of different sizes as one zero-padded
     stack, for ``torch.baddbmm`` over units at inference (one call instead of L). Cached on ``owner`` and rebuilt
-    when any parameter of ``owner`` changes (identity, version or storage): ``linears`` is a callable that lists
-    them, called only then."""
-    key = params_key(owner)
+    when any parameter of ``owner`` changes (``key``: its :func:`~gencnp_fast.model.guards.tensors_key`, if the
+    caller has it): ``linears`` is a callable that lists them, called only then."""
+    key = tensors_key(owner) if key is None else key
     hit = getattr(owner, "_stacked_linears", None)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
@@ -128,28 +123,29 @@ class RecursiveFeatureEmbedder(nn.Module):
         """``[L, B, d]``: the embeddings of :meth:`forward` without autograd, the L linear maps as one baddbmm.
         Each unit's pooling writes straight into its rows of one zero-padded buffer (the batch-1 cost is the count
         of small ops)."""
-        w, b = stacked_linears(self, lambda: [emb.proj for emb in self.embed])
-        gamma, beta = self._norm_affine()
+        key = tensors_key(self)  # one walk for both cached stacks
+        w, b = stacked_linears(self, lambda: [emb.proj for emb in self.embed], key)
+        gamma, beta = self._norm_affine(key)
         pooled = features[0].new_zeros(len(features), features[0].shape[0], w.shape[1])
         if (_C is not None and pooled.shape[1] <= SMALL_BATCH
                 and all(f.device.type == "cpu" and f.dtype == torch.float32 for f in features)):
             _C.pool_units(list(features), pooled)  # one call instead of two per unit
-            features = ()
-        for l, f in enumerate(features):
-            c = f.shape[1]
-            if f.dim() == 2:
-                pooled[l, :, :c] = f
-                pooled[l, :, c:2 * c] = f
-            else:
-                flat = f.flatten(2)
-                torch.mean(flat, 2, out=pooled[l, :, :c])
-                torch.amax(flat, 2, out=pooled[l, :, c:2 * c])
+        else:
+            for l, f in enumerate(features):
+                c = f.shape[1]
+                if f.dim() == 2:
+                    pooled[l, :, :c] = f
+                    pooled[l, :, c:2 * c] = f
+                else:
+                    flat = f.flatten(2)
+                    torch.mean(flat, 2, out=pooled[l, :, :c])
+                    torch.amax(flat, 2, out=pooled[l, :, c:2 * c])
         e = F.layer_norm(torch.baddbmm(b, pooled, w), (self.d,), eps=self.embed[0].norm.eps)
         return torch.addcmul(beta, e, gamma)
 
-    def _norm_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The LayerNorms' weights and biases stacked ``[L, 1, d]``, cached like :func:`stacked_linears`."""
-        key = params_key(self)
+    def _norm_affine(self, key) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The LayerNorms' weights and biases stacked ``[L, 1, d]``, cached like :func:`stacked_linears` (``key``:
+        this module's :func:`~gencnp_fast.model.guards.tensors_key`)."""
         hit = getattr(self, "_stacked_norm", None)
         if hit is None or hit[0] != key:
             gamma = torch.stack([emb.norm.weight.detach() for emb in self.embed]).unsqueeze(1)

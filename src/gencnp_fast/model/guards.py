@@ -21,7 +21,7 @@ from typing import List, Tuple
 
 import torch.nn as nn
 
-__all__ = ["Fingerprint", "fingerprint", "invalidate", "register_cache", "hooked_modules"]
+__all__ = ["Fingerprint", "fingerprint", "tensors_key", "invalidate", "register_cache", "hooked_modules"]
 
 _CACHES: List["weakref.WeakKeyDictionary"] = []
 
@@ -70,6 +70,15 @@ def fingerprint(model: nn.Module) -> Fingerprint:
         structure, tensors, any_hook, training, first = _WALK(model)
         return Fingerprint(structure, tensors, hooked or any_hook, training, None if first is None else first.device)
     return _python_fingerprint(model, hooked)
+
+
+def tensors_key(module: nn.Module):
+    """The identity, in-place version and storage of every parameter and buffer of ``module``, as one comparable
+    value (the ``tensors`` of its :class:`Fingerprint`): what a cache of tensors derived from its weights is keyed
+    on (the generator's stacked weights, ``generator/rfe.py``)."""
+    if _WALK is not None:
+        return _WALK(module)[1]
+    return _python_fingerprint(module, False).tensors
 
 
 def _python_fingerprint(model: nn.Module, hooked: bool) -> Fingerprint:
