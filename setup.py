@@ -43,6 +43,24 @@ def _cuda_available():
     return True, "torch.version.cuda=%s, CUDA_HOME=%s" % (torch.version.cuda, CUDA_HOME)
 
 
+def _libstdcxx():
+    """The libstdc++ this process (Python with torch) has loaded, by absolute path ([] if none: not Linux/GCC).
+
+    Linking it by path binds every libstdc++ symbol of the extension to the shared library torch uses, even where
+    the environment links a static copy (LDFLAGS=-static-libstdc++, compiler specs, or no libstdc++.so symlink):
+    a second libstdc++ inside the extension breaks number formatting in its error messages (a std::locale facet of
+    one copy used through the other: seen as a segfault on one GPU machine, as messages cut at the first number
+    on another). tests/test_ops.py::test_extension_shares_the_process_libstdcxx checks the result.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return []
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    return paths[:1]
+
+
 def _extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -52,7 +70,7 @@ def _extensions():
     cxx += ["-fopenmp", "-fvisibility=hidden"]  # torch.utils.cpp_extension adds -std=c++20
     if march and march.lower() != "none":
         cxx.append("-march=%s" % march)
-    link = ["-fopenmp"]
+    link = _libstdcxx() + ["-fopenmp"]
 
     build_cuda, reason = _cuda_available()
     if _flag("GENCNP_FAST_FORCE_CUDA") and not build_cuda:

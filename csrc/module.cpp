@@ -1,7 +1,7 @@
 // The Python module gencnp_fast._C (pybind11). Importing it loads this shared library, which runs the
 // TORCH_LIBRARY registrations of csrc/ops.cpp and the kernels, so torch.ops.gencnp_fast.* appear. What is not a
 // tensor op is bound here: the run index planner (csrc/run_indices.h) with its kinds, the cache guards' walk over a
-// model (csrc/fingerprint.cpp), and two diagnostics.
+// model (csrc/fingerprint.cpp), and diagnostics (a native backtrace on a crash: csrc/crash_trace.cpp).
 #include <torch/csrc/utils/pybind.h>  // pybind11 with the at::Tensor caster
 
 #include <ATen/Parallel.h>
@@ -16,6 +16,7 @@ at::Tensor gru_sequence(const at::Tensor& inputs, const at::Tensor& h0, const at
                         const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                         const c10::optional<at::Tensor>& b_hh);  // csrc/generator_ops.cpp
 void pool_units(const std::vector<at::Tensor>& features, at::Tensor& pooled);
+bool install_crash_trace();  // csrc/crash_trace.cpp
 }
 
 namespace py = pybind11;
@@ -23,6 +24,7 @@ using namespace gencnp_fast;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gencnp_fast compiled code: ops registered as torch.ops.gencnp_fast.*, the run index planner";
+  m.attr("crash_trace") = install_crash_trace();  // GENCNP_FAST_CRASH_TRACE=1: a native backtrace on a crash
   m.def("cpu_info", [] { return std::string(cpu_kernel_isa()); },
         "ISA the CPU kernel was compiled for ('avx2+fma' or 'generic-vector').");
   m.def("num_threads", [] { return at::get_num_threads(); }, "at::get_num_threads() as seen by the extension.");

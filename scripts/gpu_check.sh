@@ -9,13 +9,13 @@
 #      tests/test_triton_kernel.py and tests/test_cuda_build.py (both backends against float64 oracles and the dense
 #      masked reference, float32 / float16 / bfloat16), then tests/test_workloads.py (the CLI with --device auto)
 #                                                                                -> tests.log
-#   4. benchmarks, the issue's must-reach cases first: VGG-16 and ResNet-50 at 224x224, batch 64, per-sample masks,
+#   4. a per-layer profile of VGG-16 224x224 batch 64 per sample d0.25 for each backend (benchmarks/layer_profile.py:
+#      each conv against cuDNN's dense layer and the ideal)                      -> summary.txt
+#   5. benchmarks, the issue's must-reach cases first: VGG-16 and ResNet-50 at 224x224, batch 64, per-sample masks,
 #      density 1 / 0.5 / 0.25, both backends, beside cuDNN dense and the dense masked reference
 #                                                                                -> bench.log, gpu_<card>_mustreach.json
 #      then explain throughput (images/s) of ResNet-50 at 224x224, batch 256, beside cuDNN's dense forward
 #                                                                                -> gpu_<card>_throughput.json
-#   5. a per-layer profile of VGG-16 224x224 batch 64 per sample d0.25 for each backend (benchmarks/layer_profile.py:
-#      each conv against cuDNN's dense layer and the ideal)                      -> summary.txt
 #   6. if time is left: VGG-16-BN and ResNet-18 at 32x32, batch 64, shared / per-class / per-sample, density 0.5 / 0.25
 #                                                                                -> gpu_<card>_cifar.json
 #   Every benchmark table is also appended to summary.txt (8 files at most come back from a lent machine).
@@ -24,8 +24,9 @@
 # copy results back); a benchmark cut short still leaves the cases it finished (the snapshot is rewritten after each).
 # Results go to $OUT (the lent machine's result folder; default ./gpu_check_out), 8 files at most.
 #
-# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,bench,throughput,profile,bench32"), GPU_CHECK_TEST_CAP
-# (240 s), GPU_CHECK_WORKLOAD_CAP (120 s), GPU_CHECK_XDIST (8 test processes when pytest-xdist is there), TORCH_CUDA_ARCH_LIST
+# Env: OUT, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "build,tests,profile,bench,throughput,bench32"), GPU_CHECK_TEST_CAP
+# (240 s), GPU_CHECK_TEST_K (the -k of the GPU tests), GPU_CHECK_WORKLOAD_CAP (120 s), GPU_CHECK_XDIST (8 test processes
+# when pytest-xdist is there), GPU_CHECK_BENCH_MODELS / GPU_CHECK_BENCH_DENSITIES (must-reach cases), TORCH_CUDA_ARCH_LIST
 # (default: the visible GPU's), MAX_JOBS (default: all cores), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
-STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,throughput,profile,bench32},"
+STEPS=",${GPU_CHECK_STEPS:-build,tests,profile,bench,throughput,bench32},"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
@@ -104,15 +105,42 @@ if want tests; then
     # whose CUDA context a device-side assert ended exits and is replaced (tests/conftest.py)
     XDIST=()
     "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-8}")
-    # the compiled op's argument errors first, CPU and CUDA tensors, one process, verbose: on the H200 run of
-    # be658c2 a bad argument to the CUDA op crashed its process (segfault) instead of raising; -v names the case
-    timeout "$(limit 90)" "$PY" -m pytest -v -rfEs -p no:cacheprovider -p no:xdist -o faulthandler_timeout=60 \
-        -k "bad_input_raises and (cpu or cuda)" tests/test_ops.py >"$OUT/tests.log" 2>&1
-    say "op argument errors (cpu, cuda) rc=$?: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
-    grep -E -B 2 "Fatal Python error" "$OUT/tests.log" | head -n 6 | sed 's/^/  crash: /' | tee -a "$OUT/summary.txt"
+    # the compiled op's argument errors first, CPU and CUDA tensors, one process, verbose: on the H200 runs of
+    # be658c2 and 7f71293 a bad argument crashed the process (segfault) instead of raising. A crashing case is
+    # named, rerun alone with a native backtrace (GENCNP_FAST_CRASH_TRACE=1, csrc/crash_trace.cpp) resolved by
+    # addr2line (pytest's faulthandler off in that rerun: it would take the signal first), and left out of the
+    # next pass, until a pass ends without a crash (4 passes at most).
+    : >"$OUT/tests.log"
+    DESELECT=()
+    for pass in 1 2 3 4; do
+        timeout "$(limit 90)" "$PY" -m pytest -v -rfEs -p no:cacheprovider -p no:xdist -o faulthandler_timeout=60 \
+            -k "bad_input_raises and (cpu or cuda)" "${DESELECT[@]}" tests/test_ops.py >"$OUT/args_pass.log" 2>&1
+        rc=$?
+        cat "$OUT/args_pass.log" >>"$OUT/tests.log"
+        say "op argument errors (cpu, cuda), pass $pass, rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/args_pass.log" | tail -n 1)"
+        crashed="$(grep -oE '^tests/test_ops.py::[^ ]+ Fatal Python error' "$OUT/args_pass.log" | head -n 1 | cut -d' ' -f1)"
+        [ -n "$crashed" ] || break
+        say "  crash in $crashed: native backtrace"
+        GENCNP_FAST_CRASH_TRACE=1 timeout "$(limit 60)" "$PY" -m pytest -q -s -p no:cacheprovider -p no:xdist -p no:faulthandler \
+            "$crashed" >"$OUT/crash_trace.log" 2>&1
+        SO="$("$PY" -c 'import gencnp_fast._C as C; print(C.__file__)' 2>/dev/null)"
+        sed -n '/native backtrace (GENCNP_FAST_CRASH_TRACE)/,$p' "$OUT/crash_trace.log" \
+            | head -n 24 | while IFS= read -r line; do
+                off="$(sed -nE 's/.*_C\.[^(]*\.so\(\+(0x[0-9a-f]+)\).*/\1/p' <<<"$line")"
+                if [ -n "$off" ] && [ -n "$SO" ] && command -v addr2line >/dev/null; then
+                    line="$line  <- $(addr2line -f -C -e "$SO" "$off" | paste -sd' ')"
+                fi
+                echo "    $line"
+            done | tee -a "$OUT/summary.txt"
+        cat "$OUT/crash_trace.log" >>"$OUT/tests.log"
+        DESELECT+=(--deselect "$crashed")
+    done
+    rm -f "$OUT/args_pass.log"
     say "tests (limit $(limit "${GPU_CHECK_TEST_CAP:-240}")s, ${XDIST[*]:-no xdist})"
-    timeout "$(limit "${GPU_CHECK_TEST_CAP:-240}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${XDIST[@]}" \
-        -k "(cuda or triton or gpu) and not (bad_input_raises and cuda)" tests/test_cuda_build.py tests/test_ops.py \
+    # SIGINT at the limit: pytest stops and still prints its summary (which tests failed, which worker crashed where)
+    timeout -s INT -k 20 "$(limit "${GPU_CHECK_TEST_CAP:-240}")" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+        "${XDIST[@]}" -k "${GPU_CHECK_TEST_K:-(cuda or triton or gpu) and not (bad_input_raises and cuda)}" \
+        "${DESELECT[@]}" tests/test_cuda_build.py tests/test_ops.py \
         tests/test_engine.py tests/test_run_indices.py tests/test_triton_kernel.py >>"$OUT/tests.log" 2>&1
     rc=$?
     say "tests rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
@@ -123,7 +151,7 @@ if want tests; then
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30 | tee -a "$OUT/summary.txt"
 fi
 
-# ---- 4./5. benchmarks (results rewritten after every case, so a cut-short run keeps what it measured)
+# ---- 4./5. profile and benchmarks (results rewritten after every case, so a cut-short run keeps what it measured)
 bench() {  # bench NAME CAP  (GENCNP_BENCH_* in the environment select the cases)
     local name="gpu_${CARD}_$1" cap
     cap=$(limit "$2")
@@ -136,13 +164,6 @@ bench() {  # bench NAME CAP  (GENCNP_BENCH_* in the environment select the cases
     cp -f "benchmarks/results/$name.json" "$OUT/" 2>/dev/null || say "no results for $name"
     [ -f "benchmarks/results/$name.md" ] && tee -a "$OUT/summary.txt" <"benchmarks/results/$name.md" >/dev/null
 }
-if want bench; then
-    GENCNP_BENCH_MODELS=vgg16,resnet50 GENCNP_BENCH_BATCHES=64 GENCNP_BENCH_SHARING=per_sample \
-    GENCNP_BENCH_DENSITIES=1,0.5,0.25 bench mustreach 330
-fi
-if want throughput; then  # explain throughput, ResNet-50 224x224 batch 256, against cuDNN's dense forward
-    BENCH_FILE=benchmarks/test_bench_throughput.py GENCNP_BENCH_MODELS=resnet50 bench throughput 120
-fi
 if want profile; then  # where the GPU kernels lose: per layer against cuDNN's dense layer and the ideal
     for be in cuda triton; do
         cap=$(limit 60)
@@ -151,6 +172,14 @@ if want profile; then  # where the GPU kernels lose: per layer against cuDNN's d
         timeout "$cap" "$PY" benchmarks/layer_profile.py --model vgg16 --size 224 --batch 64 --density 0.25 \
             --sharing per_sample --rounds 3 --device cuda --backend "$be" 2>&1 | tee -a "$OUT/summary.txt" | tail -n 3
     done
+fi
+if want bench; then
+    GENCNP_BENCH_MODELS="${GPU_CHECK_BENCH_MODELS:-vgg16,resnet50}" GENCNP_BENCH_BATCHES=64 \
+    GENCNP_BENCH_SHARING=per_sample GENCNP_BENCH_DENSITIES="${GPU_CHECK_BENCH_DENSITIES:-1,0.5,0.25}" \
+    bench mustreach 330
+fi
+if want throughput; then  # explain throughput, ResNet-50 224x224 batch 256, against cuDNN's dense forward
+    BENCH_FILE=benchmarks/test_bench_throughput.py GENCNP_BENCH_MODELS=resnet50 bench throughput 120
 fi
 if want bench32; then
     GENCNP_BENCH_MODELS=vgg16_bn_cifar,resnet18_cifar GENCNP_BENCH_BATCHES=64 \

@@ -418,6 +418,25 @@ def test_bad_input_raises(backend, case):
         backend_op(backend)(*op_args(p))
 
 
+def test_extension_shares_the_process_libstdcxx():
+    """The extension defines no libstdc++ of its own (setup.py links the process's by path): a second, static copy
+    breaks the number formatting of every error message (a segfault on one GPU machine, messages cut at the first
+    number on another; test_bad_input_raises sees the latter)."""
+    import shutil
+    import subprocess
+
+    require("cpu")
+    import gencnp_fast._C as C
+
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    out = subprocess.run(["nm", "-D", "--defined-only", C.__file__], capture_output=True, text=True, check=True).stdout
+    # std::locale, std::basic_ostream<char>::_M_insert<long>, std::__codecvt_utf16_base: only a libstdc++ defines them
+    own = [line.split()[-1] for line in out.splitlines()
+           if any(m in line for m in ("_ZNSt6locale", "_ZNSo9_M_insert", "__codecvt_utf16_base"))]
+    assert not own, f"{C.__file__} carries its own libstdc++ (a static copy): {own[:5]}"
+
+
 @pytest.mark.parametrize("case", ["in_idx_range", "row_not_ascending"])
 def test_bad_index_value_on_a_gpu_is_a_device_assert_naming_it(backend, case):
     """On a GPU the index values are checked without a synchronisation: a bad value is a device-side assert whose
