@@ -68,6 +68,8 @@ else:
             (32, 32, 32, 2, 4),
             (16, 64, 64, 4, 3),  # small M: late layers at 2x2..4x4, linear layers
             (16, 32, 64, 2, 3),
+            (128, 16, 32, 4, 4),  # 16 active outputs (a 64-channel layer per sample at density 0.25)
+            (256, 16, 32, 8, 3),
         ]
     ]
 
@@ -89,13 +91,16 @@ def heuristic_config(max_cnt: int, howo: int, kout: int) -> "triton.Config":
     """One tile configuration from the problem's shape: GEMM rows ``M = largest group x Ho*Wo``, columns ``Kout``.
 
     Small ``M`` (late 2x2..8x8 layers of a per-sample mask, linear layers) gets 16-row tiles with a long ``BK``;
-    narrow layers 32-column tiles; large maps with wide outputs 128x128 tiles; otherwise 64x64.
+    layers with at most 16 active outputs 16-column tiles, other narrow layers 32-column tiles; large maps with
+    wide outputs 128x128 tiles; otherwise 64x64.
     """
     if INTERPRET:
         return _CONFIGS[0]
     m = _m_rows(max_cnt, howo)
     if m <= 64:
         bm, bn, bk, w, s = (16, 64, 64, 4, 3) if kout > 32 else (16, 32, 64, 2, 3)
+    elif kout <= 16:
+        bm, bn, bk, w, s = (128, 16, 32, 4, 4)
     elif kout <= 32:
         bm, bn, bk, w, s = (64, 32, 32, 4, 4)
     elif m >= 4096 and kout >= 128:
@@ -107,7 +112,8 @@ def heuristic_config(max_cnt: int, howo: int, kout: int) -> "triton.Config":
 
 def _prune_configs(configs, named_args, **kwargs):
     """Autotune only the candidates that fit the shape: row tiles no taller than needed for small ``M``, no
-    16/32-row tiles for large ``M``, no 128-column tiles for narrow layers. Keeps at least one."""
+    16/32-row tiles for large ``M``, no 128-column tiles for narrow layers, 16-column tiles only for at most 16
+    outputs. Keeps at least one."""
     m = _m_rows(named_args["MAX_CNT"], named_args["HOWO"])
     kout = int(named_args["KOUT"])
     keep = []
@@ -118,6 +124,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if m >= 1024 and bm < 64:
             continue
         if kout <= 64 and bn > 64:
+            continue
+        if bn == 16 and (kout > 16 or m <= 64):
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
