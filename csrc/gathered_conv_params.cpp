@@ -96,6 +96,12 @@ void assert_indices_async(const GatheredConvParams& p) {
   const at::Tensor sizes = p.problems.slice(0, p.B + p.ngroups, p.B + 2 * p.ngroups);
   at::_assert_async(in_range(p.problems.slice(0, 0, p.B), 0, p.B),
                     "gathered_conv2d: problems: a sample is out of range");
+  {  // every sample once: a sample left out would leave its output rows unwritten
+    const at::Tensor s = p.problems.slice(0, 0, p.B);
+    const at::Tensor listed = at::zeros({p.B}, s.options()).index_add_(0, s.clamp(0, p.B - 1).to(at::kLong),
+                                                                       at::ones_like(s));
+    at::_assert_async(listed.eq(1).all(), "gathered_conv2d: problems: a sample is listed twice or not at all");
+  }
   const at::Tensor ends = at::cumsum(sizes, 0);
   at::_assert_async(sizes.ge(1).logical_and(starts.eq(ends - sizes)).all().logical_and(ends[-1].eq(p.B))
                         .logical_and(sizes.max().eq(p.max_group)),

@@ -400,7 +400,19 @@ BAD_INPUTS = {
     "padding_before_valid": (lambda p, b: p["out_idx"].__setitem__((1, slice(0, 2)), torch.tensor([-1, 3])),
                              r"out_idx(\[1, 1\] = 3 after -1| row is not strictly increasing)",
                              ("cpu", "torch", "triton")),
+    # a problem list that names one sample twice and leaves the other out (one group of both): the left-out
+    # sample's output would never be written (the Triton launcher once computed garbage there)
+    "problems_sample_twice": (lambda p, b: p.update(sample_group=p["sample_group"].new_zeros(2), **_same_rows(p))
+                              or p.update(problems=torch.tensor([0, 0, 0, 2], dtype=torch.int32), max_group=2),
+                              r"listed twice", ("cpu", "torch", "triton")),
 }
+
+
+def _same_rows(p):
+    """Sample 1 with sample 0's index rows (so that one group of both is valid)."""
+    in_idx, out_idx = p["in_idx"].clone(), p["out_idx"].clone()
+    in_idx[1], out_idx[1] = in_idx[0], out_idx[0]
+    return {"in_idx": in_idx, "out_idx": out_idx}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -139,6 +139,10 @@ def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c
         samples, starts, sizes = problems[:B], problems[B:B + G], problems[B + G:]
         ends = torch.cumsum(sizes, 0)
         checks.append((((samples >= 0) & (samples < B)).all(), "problems: a sample is out of range"))
+        # every sample once: a sample left out would leave its output rows unwritten
+        listed = torch.zeros(B, dtype=torch.int32, device=samples.device).index_add_(
+            0, samples.clamp(0, B - 1).long(), torch.ones_like(samples))
+        checks.append(((listed == 1).all(), "problems: a sample is listed twice or not at all"))
         checks.append(((sizes >= 1).all() & (starts == ends - sizes).all() & (ends[-1] == B)
                        & (sizes.max() == max_group), "problems: the groups do not tile the batch, or max_group is "
                        "not the largest"))
