@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace gencnp_fast {
@@ -164,7 +165,8 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
                                         const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
-                                        bool check_indices, c10::ArrayRef<at::ScalarType> dtypes,
+                                        bool check_indices, const c10::optional<at::Tensor>& residual_take,
+                                        bool fuse_residual_take, c10::ArrayRef<at::ScalarType> dtypes,
                                         c10::DeviceType device_type) {
   TORCH_CHECK(x.defined() && x.device().type() == device_type, kOp, "x must be a ", device_type, " tensor here");
   const at::Device dev = x.device();
@@ -206,14 +208,44 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
     TORCH_CHECK(bias->size(0) == p.Cout, kOp, "bias must be [C_out] = [", p.Cout, "], got ", bias->sizes());
     p.bias = bias->contiguous();
   }
+  const bool has_take = residual_take.has_value() && residual_take->defined();
   if (residual.has_value() && residual->defined()) {
     check_tensor(*residual, "residual", dev, 4);
     check_float(*residual, "residual", dtype);
-    TORCH_CHECK(residual->size(0) == p.B && residual->size(1) == p.Kout && residual->size(2) == p.Ho &&
+    const int64_t Kres = has_take ? residual->size(1) : p.Kout;
+    TORCH_CHECK(residual->size(0) == p.B && residual->size(1) == Kres && residual->size(2) == p.Ho &&
                     residual->size(3) == p.Wo,
-                kOp, "residual must be [B, Kout, Ho, Wo] = [", p.B, ", ", p.Kout, ", ", p.Ho, ", ", p.Wo, "], got ",
-                residual->sizes());
+                kOp, "residual must be [B, ", has_take ? "Kres" : "Kout", ", Ho, Wo] = [", p.B, ", ",
+                has_take ? "any" : std::to_string(p.Kout), ", ", p.Ho, ", ", p.Wo, "], got ", residual->sizes());
     p.residual = residual->contiguous();
+  }
+  if (has_take) {
+    TORCH_CHECK(p.residual.defined(), kOp, "residual_take is given without a residual");
+    check_tensor(*residual_take, "residual_take", dev, 1);
+    TORCH_CHECK(residual_take->scalar_type() == at::kLong, kOp, "residual_take must be int64, got ",
+                residual_take->scalar_type());
+    TORCH_CHECK(residual_take->size(0) == p.Kout, kOp, "residual_take must be [Kout] = [", p.Kout, "], got ",
+                residual_take->sizes());
+    p.residual_take = residual_take->contiguous();
+    const int64_t Kres = p.residual.size(1);
+    if (check_indices && dev.is_cpu()) {
+      const int64_t* t = p.residual_take.data_ptr<int64_t>();
+      for (int64_t j = 0; j < p.Kout; ++j) {
+        TORCH_CHECK(t[j] >= -1 && t[j] < Kres, kOp, "residual_take[", j, "] = ", t[j], " is out of range [-1, ",
+                    Kres, ")");
+      }
+    } else if (check_indices && p.Kout > 0) {
+      at::_assert_async(p.residual_take.ge(-1).logical_and(p.residual_take.lt(Kres)).all(),
+                        "gathered_conv2d: residual_take has a value out of range [-1, Kres)");
+    }
+    if (!fuse_residual_take) {  // re-compact here: [B, Kout, Ho, Wo], zeros where residual_take is -1
+      const at::Tensor absent = p.residual_take.lt(0).view({1, p.Kout, 1, 1});
+      p.residual = Kres == 0 ? at::zeros({p.B, p.Kout, p.Ho, p.Wo}, p.residual.options())
+                             : p.residual.index_select(1, p.residual_take.clamp(0, Kres - 1))
+                                   .masked_fill_(absent, 0)
+                                   .contiguous();
+      p.residual_take = at::Tensor();
+    }
   }
   p.x = x.contiguous();
   p.weight = weight.contiguous();

@@ -18,7 +18,8 @@ struct GatheredConvParams {
   at::Tensor bias;          // [Cout]
   at::Tensor out_idx;       // int32 [B, Kout]
   at::Tensor sample_group;  // int32 [B]
-  at::Tensor residual;      // [B, Kout, Ho, Wo]
+  at::Tensor residual;      // [B, Kout, Ho, Wo], or [B, Kres, Ho, Wo] with residual_take
+  at::Tensor residual_take;  // int64 [Kout]: residual channel of each output position, -1: none (undefined: j)
   at::Tensor problems;      // int32 [B + 2G]: samples sorted by group, group starts, group sizes
   int64_t B = 0, Kin = 0, H = 0, W = 0;
   int64_t Cout = 0, Cin = 0, kh = 0, kw = 0;
@@ -35,13 +36,16 @@ struct GatheredConvParams {
 // share one); `device_type`: the backend's device. With check_indices, the index values too: index ranges, and
 // that a given problem list is a grouping of the batch consistent with sample_group; on the host for CPU tensors,
 // with device-side asserts (no synchronisation; raised at the next one) for GPU tensors. On the CPU a missing
-// problem list is computed here, so the CPU kernel always reads one.
+// problem list is computed here, so the CPU kernel always reads one. A backend that does not read residual_take
+// in place (`fuse_residual_take` false) gets the residual re-compacted here to [B, Kout, Ho, Wo] (ATen ops) and
+// residual_take undefined.
 GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,
                                         const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
-                                        bool check_indices, c10::ArrayRef<at::ScalarType> dtypes,
+                                        bool check_indices, const c10::optional<at::Tensor>& residual_take,
+                                        bool fuse_residual_take, c10::ArrayRef<at::ScalarType> dtypes,
                                         c10::DeviceType device_type);
 
 }  // namespace gencnp_fast

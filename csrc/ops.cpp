@@ -22,10 +22,15 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // check_indices: check the index values (in_idx, out_idx, problems) before any is used: on the host for CPU
   // tensors, with device-side asserts (raised at the next synchronisation) for GPU tensors. The engine passes
   // false: its indices come from the run index planner, which builds them valid.
+  // residual_take (optional): int64 [Kout], one row for the whole batch: the residual is then stored for another
+  // channel set, [B, Kres, Ho, Wo], and output position j adds residual[b, residual_take[j]], or nothing where
+  // residual_take[j] == -1 (the re-compaction of gather_channels fused into the epilogue: ResNet's identity
+  // shortcuts under one shared mask). The CPU kernel reads it in place; the CUDA kernel re-compacts first.
   m.def(
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
       "Tensor sample_group, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool relu, Tensor? problems=None, int max_group=-1, bool check_indices=True) -> Tensor");
+      "bool relu, Tensor? problems=None, int max_group=-1, bool check_indices=True, "
+      "Tensor? residual_take=None) -> Tensor");
   // Re-compaction of a compacted activation to another channel set (docs/design.md §3):
   //   out[b, j] = keep[r, j] ? x[b, take[r, j]] : 0,   r = 0 when take has one row, else b
   // x: [B, K, ...]; take: int64 [R, W] with R = 1 (one set for the batch) or B; keep: uint8 [R, W] or None (every

@@ -29,7 +29,7 @@ from conftest import (INTERPRET, assert_close_to_fp64, backend_device, dense_ora
 from gencnp_fast.kernels.contract import gathered_conv2d_reference, pair, problem_list
 
 FLOATS = ("x", "weight", "bias", "residual")
-INDICES = ("in_idx", "out_idx", "sample_group", "problems")
+INDICES = ("in_idx", "out_idx", "sample_group", "problems", "residual_take")
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -106,7 +106,7 @@ def op_args(p):
     return (p["x"], p["in_idx"], p["weight"], p["bias"], p["out_idx"], p["sample_group"], p["residual"],
             list(pair(p["stride"], "stride")), list(pair(p["padding"], "padding")),
             list(pair(p["dilation"], "dilation")), bool(p["relu"]), p.get("problems"), int(p.get("max_group", -1)),
-            bool(p.get("check_indices", True)))
+            bool(p.get("check_indices", True)), p.get("residual_take"))
 
 
 def run(backend, p, dtype=None):
@@ -326,6 +326,52 @@ def test_problem_list_given_or_derived(backend, sharing):
     assert torch.equal(run(backend, p), run(backend, q))
 
 
+def with_residual_take(p, k_res, seed, nan_elsewhere=False):
+    """``p`` with its residual stored for another channel set: ``[B, k_res, Ho, Wo]`` and an int64 ``residual_take``
+    ``[Kout]`` (random distinct channels, about a quarter -1); channels no position takes hold NaN with
+    ``nan_elsewhere``. Returns (that problem, the same problem with the residual re-compacted, without the take)."""
+    from gencnp_fast.kernels.contract import compact_residual
+
+    gen = torch.Generator().manual_seed(seed)
+    B, kout = p["out_idx"].shape
+    ho, wo = p["residual"].shape[2:]  # make_problem draws a residual unless told not to
+    take = torch.full((kout,), -1, dtype=torch.int64)
+    if k_res > 0:
+        chosen = torch.randperm(k_res, generator=gen)[:kout]
+        take[: chosen.numel()] = chosen
+        take[torch.randperm(kout, generator=gen)[: kout // 4]] = -1
+    res = torch.randn(B, k_res, ho, wo, generator=gen)
+    if nan_elsewhere and k_res > 0:
+        unused = torch.ones(k_res, dtype=torch.bool)
+        unused[take[take >= 0]] = False
+        res[:, unused] = float("nan")
+    fused = dict(p, residual=res, residual_take=take)
+    return fused, dict(p, residual=compact_residual(res, take))
+
+
+@pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
+@pytest.mark.parametrize("shape", ["3x3", "pointwise", "linear", "no_residual_channels"])
+def test_residual_take_is_the_recompacted_residual(backend, sharing, shape):
+    """residual_take (the residual stored for another channel set, re-compacted in the epilogue) gives exactly the
+    result of the op on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3,
+    pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
+    never read (NaN there stays out)."""
+    small = interpreted(backend)
+    if shape == "3x3":
+        p = problem(4, 9, 10, 7, 8, 6, 7, 3, sharing, seed=11)
+    elif shape == "pointwise":  # >= 128 output pixels: the CPU kernel's pixel-vectorised path
+        p = problem(3, 20, 24, 12, 16, 6 if small else 13, 5 if small else 11, 1, sharing, padding=0, seed=12)
+    elif shape == "linear":
+        p = problem(5, 30, 12, 20, 10, 1, 1, 1, sharing, padding=0, seed=13)
+    else:
+        p = problem(3, 8, 6, 5, 4, 5, 5, 3, sharing, seed=14)
+    k_res = 0 if shape == "no_residual_channels" else p["out_idx"].shape[1] + 5
+    fused, plain = with_residual_take(p, k_res, seed=15, nan_elsewhere=True)
+    out = check(backend, plain, what="re-compacted residual")
+    got = run(backend, fused)
+    assert torch.equal(got, out), "residual_take must give the re-compacted residual's result exactly"
+
+
 def test_threads_agree():
     """The CPU kernel's result does not depend on the thread count (same reduction order)."""
     require("cpu")
@@ -400,6 +446,17 @@ BAD_INPUTS = {
     "padding_before_valid": (lambda p, b: p["out_idx"].__setitem__((1, slice(0, 2)), torch.tensor([-1, 3])),
                              r"out_idx(\[1, 1\] = 3 after -1| row is not strictly increasing)",
                              ("cpu", "torch", "triton")),
+    "residual_take_dtype": (lambda p, b: p.update(residual_take=torch.zeros(p["out_idx"].shape[1],
+                                                                          dtype=torch.int32, device=p["x"].device)),
+                            r"residual_take must be int64", None),
+    "residual_take_shape": (lambda p, b: p.update(residual_take=torch.zeros(1, dtype=torch.int64,
+                                                                          device=p["x"].device)),
+                            r"residual_take must be \[Kout\]", None),
+    "residual_take_without_residual": (lambda p, b: p.update(residual=None, residual_take=torch.zeros(
+        p["out_idx"].shape[1], dtype=torch.int64, device=p["x"].device)), r"residual_take is given without", None),
+    "residual_take_range": (lambda p, b: p.update(residual_take=torch.full((p["out_idx"].shape[1],), 7,
+                                                                         dtype=torch.int64, device=p["x"].device)),
+                            r"residual_take(\[0\] = 7 is| value is) out of range", ("cpu", "torch", "triton")),
     # a problem list that names one sample twice and leaves the other out (one group of both): the left-out
     # sample's output would never be written (the Triton launcher once computed garbage there)
     "problems_sample_twice": (lambda p, b: p.update(sample_group=p["sample_group"].new_zeros(2), **_same_rows(p))

@@ -21,7 +21,8 @@
 //     every column of the item, i.e. every pixel of every sample of the group, and cached for the
 //     item when it has several column blocks;
 //   * 16x6 register-blocked FMA micro-kernel (AVX2+FMA intrinsics; portable GCC vector fallback);
-//   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros.
+//   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros. With
+//     residual_take the residual is read in place from its own channel set (no re-compacted copy).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -222,6 +223,8 @@ struct Problem {
   const float* w;
   const float* bias;      // may be null
   const float* residual;  // may be null
+  const int64_t* res_take;  // residual channel of each output position (-1: none), or null: the position itself
+  int64_t res_K = 0;        // channels of the residual per sample (Kres with res_take, else Kout)
   float* out;
   bool relu;
   std::vector<int64_t> samples;  // sample ids ordered by group
@@ -340,30 +343,35 @@ inline void band_rows(const ConvGeom& G, int64_t p0, int64_t p1, int64_t& y0, in
 }
 
 // bias + residual + ReLU, scatter the 16 x nr tile into out. cbase[n]: offset of column n in
-// out (sample * Kout * P + pixel); roff[r]: offset of tile row r (out position * P).
+// out (sample * Kout * P + pixel); roff[r]: offset of tile row r (out position * P). The residual of (r, n) is at
+// rbase[n] + rroff[r] (the same offsets as out unless residual_take re-maps the rows), none where rroff[r] < 0.
 template <bool RES, bool RELU>
-inline void epilogue_impl(float* __restrict out, const float* __restrict res, const int64_t* cbase, int nr,
-                          int rows, const int64_t* roff, const float* bvals, const float* __restrict Ct) {
+inline void epilogue_impl(float* __restrict out, const float* __restrict res, const int64_t* cbase,
+                          const int64_t* rbase, int nr, int rows, const int64_t* roff, const int64_t* rroff,
+                          const float* bvals, const float* __restrict Ct) {
   bool contiguous = true;
   for (int n = 1; n < nr; ++n) contiguous &= (cbase[n] == cbase[0] + n);
-  if (contiguous) {
+  if (contiguous) {  // one sample, consecutive pixels: its residual columns are consecutive too
     for (int r = 0; r < rows; ++r) {
       const int64_t o = cbase[0] + roff[r];
+      const bool add = RES && rroff[r] >= 0;
+      const float* rr = add ? res + rbase[0] + rroff[r] : nullptr;
       const float bv = bvals[r];
       for (int n = 0; n < nr; ++n) {
         float v = Ct[n * MR + r] + bv;
-        if (RES) v += res[o + n];
+        if (add) v += rr[n];
         if (RELU) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
         out[o + n] = v;
       }
     }
   } else {
     for (int r = 0; r < rows; ++r) {
+      const bool add = RES && rroff[r] >= 0;
       const float bv = bvals[r];
       for (int n = 0; n < nr; ++n) {
         const int64_t o = cbase[n] + roff[r];
         float v = Ct[n * MR + r] + bv;
-        if (RES) v += res[o];
+        if (add) v += res[rbase[n] + rroff[r]];
         if (RELU) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
         out[o] = v;
       }
@@ -371,8 +379,8 @@ inline void epilogue_impl(float* __restrict out, const float* __restrict res, co
   }
 }
 
-using EpilogueFn = void (*)(float*, const float*, const int64_t*, int, int, const int64_t*, const float*,
-                            const float*);
+using EpilogueFn = void (*)(float*, const float*, const int64_t*, const int64_t*, int, int, const int64_t*,
+                            const int64_t*, const float*, const float*);
 
 EpilogueFn pick_epilogue(bool res, bool relu) {
   if (res) return relu ? &epilogue_impl<true, true> : &epilogue_impl<true, false>;
@@ -382,6 +390,7 @@ EpilogueFn pick_epilogue(bool res, bool relu) {
 struct ColumnBuffer {
   std::vector<const float*> ptr;
   std::vector<int64_t> base;
+  std::vector<int64_t> rbase;  // residual offset of each column (sample * res_K * P + pixel)
 };
 thread_local ColumnBuffer tl_cols;
 
@@ -428,6 +437,7 @@ void run_item_pointwise(const Problem& pb, const WorkItem& it) {
         const int64_t b = pb.samples[gi.start + s];
         const float* xb = pb.x + b * G.Kin * P + p;
         const int64_t obase = b * G.Kout * P + p;
+        const float* rb = pb.residual ? pb.residual + b * pb.res_K * P + p : nullptr;
         __m512 acc[MR];
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) acc[r] = zero;
@@ -443,7 +453,8 @@ void run_item_pointwise(const Problem& pb, const WorkItem& it) {
         for (int r = 0; r < rows; ++r) {
           const int64_t o = obase + opos[r] * P;
           __m512 v = _mm512_add_ps(_mm512_load_ps(Ct + r * 16), _mm512_set1_ps(pb.bias ? pb.bias[och[r]] : 0.f));
-          if (pb.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, pb.residual + o));
+          const int64_t rc = pb.res_take ? pb.res_take[opos[r]] : opos[r];  // residual channel, -1: none
+          if (rb != nullptr && rc >= 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, rb + rc * P));
           if (pb.relu) v = _mm512_max_ps(zero, v);  // NaN stays NaN (max returns its second operand for a NaN)
           _mm512_mask_storeu_ps(pb.out + o, lanes, v);
         }
@@ -486,7 +497,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
   if (!G.padded) set_koff(G.HW);
   const EpilogueFn epi = pick_epilogue(pb.residual != nullptr, pb.relu);
   alignas(64) float Ct[MR * NR];
-  int64_t roff[MR];
+  int64_t roff[MR], rroff[MR];
   float bvals[MR];
   ColumnBuffer& cols = tl_cols;
   int64_t band_y0[2] = {0, 0};  // first padded row of the band copy of the block's first / other samples
@@ -519,6 +530,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
     if (static_cast<int64_t>(cols.ptr.size()) < ncol) {
       cols.ptr.resize(ncol);
       cols.base.resize(ncol);
+      cols.rbase.resize(ncol);
     }
     {
       // walk (sample, oy, ox) incrementally: no divisions per column
@@ -530,6 +542,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
                                    : pb.x + b * sstride;
         cols.ptr[i] = sb + oy * G.sh * rowlen + ox * G.sw;
         cols.base[i] = b * G.Kout * G.P + p;
+        cols.rbase[i] = b * pb.res_K * G.P + p;
         ++p;
         if (++ox == G.Wo) {
           ox = 0;
@@ -543,6 +556,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
       for (int64_t i = ce - cb; i < ncol; ++i) {  // pad the last panel with its last column
         cols.ptr[i] = cols.ptr[ce - cb - 1];
         cols.base[i] = cols.base[ce - cb - 1];
+        cols.rbase[i] = cols.rbase[ce - cb - 1];
       }
     }
     for (int64_t mt = it.m0; mt < it.m1; ++mt) {
@@ -558,13 +572,16 @@ void run_item(const Problem& pb, const WorkItem& it) {
       const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
       for (int r = 0; r < rows; ++r) {
         roff[r] = opos[r] * G.P;
+        const int64_t rc = pb.res_take ? pb.res_take[opos[r]] : opos[r];  // residual channel, -1: none
+        rroff[r] = rc >= 0 ? rc * G.P : -1;
         bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
       }
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
         run_micro_kernel(nr, K, A, cols.ptr.data() + q * NR, koff, Ct);
-        epi(pb.out, pb.residual, cols.base.data() + q * NR, nr, rows, roff, bvals, Ct);
+        epi(pb.out, pb.residual, cols.base.data() + q * NR, cols.rbase.data() + q * NR, nr, rows, roff, rroff,
+            bvals, Ct);
       }
     }
   }
@@ -586,6 +603,8 @@ Problem describe(const GatheredConvParams& p, at::Tensor& out) {
   pb.w = p.weight.data_ptr<float>();
   pb.bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
   pb.residual = p.residual.defined() ? p.residual.data_ptr<float>() : nullptr;
+  pb.res_take = p.residual_take.defined() ? p.residual_take.data_ptr<int64_t>() : nullptr;
+  pb.res_K = p.residual.defined() ? p.residual.size(1) : p.Kout;
   pb.out = out.data_ptr<float>();
   pb.relu = p.relu;
 
@@ -684,10 +703,11 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
                                const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                                const c10::optional<at::Tensor>& problems, int64_t max_group,
-                               bool check_indices) {
+                               bool check_indices, const c10::optional<at::Tensor>& residual_take) {
   static const at::ScalarType kDtypes[] = {at::kFloat};
   GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                              padding, dilation, relu, problems, max_group, check_indices, kDtypes,
+                                              padding, dilation, relu, problems, max_group, check_indices,
+                                              residual_take, /*fuse_residual_take=*/true, kDtypes,
                                               c10::DeviceType::CPU);
   if (p.kh == 1 && p.kw == 1 && p.ph == 0 && p.pw == 0 && (p.sh > 1 || p.sw > 1) && p.Ho * p.Wo >= 128) {
     // A strided 1x1 conv (ResNet's downsample) reads one pixel in sh x sw: subsample the compacted input once

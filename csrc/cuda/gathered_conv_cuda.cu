@@ -578,11 +578,13 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x, const at::Tensor& in_idx, c
                                 const at::Tensor& sample_group, const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 bool relu, const c10::optional<at::Tensor>& problems, int64_t max_group,
-                                bool check_indices) {
+                                bool check_indices, const c10::optional<at::Tensor>& residual_take) {
   static const at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
   const c10::cuda::CUDAGuard guard(x.device());
+  // residual_take: the residual is re-compacted by the shared check (ATen ops), not read in place
   const GatheredConvParams p = gathered_conv_params(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                                    padding, dilation, relu, problems, max_group, check_indices, kDtypes,
+                                                    padding, dilation, relu, problems, max_group, check_indices,
+                                                    residual_take, /*fuse_residual_take=*/false, kDtypes,
                                                     c10::DeviceType::CUDA);
   // 32-bit index arithmetic inside one sample; per-sample offsets are 64-bit.
   TORCH_CHECK(p.Kin * p.H * p.W < INT32_MAX && p.Cin * p.kh * p.kw < INT32_MAX && p.Kout * p.Ho * p.Wo < INT32_MAX,

@@ -14,7 +14,8 @@ int main() {
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                   const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                                  at::IntArrayRef, bool, const c10::optional<at::Tensor>&, int64_t, bool)>();
+                                  at::IntArrayRef, bool, const c10::optional<at::Tensor>&, int64_t, bool,
+                                  const c10::optional<at::Tensor>&)>();
 
   // sample 0 and 1 share a mask (group 0), sample 2 has its own (group 1); -1 pads the rows.
   const std::vector<std::vector<int32_t>> in_rows = {{0, 2, 5, -1}, {0, 2, 5, -1}, {1, 3, 4, 5}};
@@ -32,7 +33,7 @@ int main() {
   auto residual = at::randn({B, Kout, H, W});
 
   auto out = op.call(x, in_idx, weight, bias, out_idx, sample_group, residual, {1, 1}, {1, 1}, {1, 1}, true,
-                     c10::nullopt, -1, true);
+                     c10::nullopt, -1, true, c10::nullopt);
 
   double max_err = 0.0;
   for (int64_t b = 0; b < B; ++b) {

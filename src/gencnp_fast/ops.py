@@ -51,9 +51,9 @@ def _dtypes(device: torch.device):
 
 @torch.library.register_fake("gencnp_fast::gathered_conv2d")
 def _gathered_conv2d_fake(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
-                          problems=None, max_group=-1, check_indices=True):
+                          problems=None, max_group=-1, check_indices=True, residual_take=None):
     shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
-                                problems, max_group, _dtypes(x.device))
+                                problems, max_group, _dtypes(x.device), residual_take)
     return x.new_empty(shape)
 
 
@@ -90,10 +90,11 @@ def gathered_conv2d(
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
     check_indices: bool = True,
+    residual_take: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``torch.ops.gencnp_fast.gathered_conv2d`` with int-or-pair ``stride`` / ``padding`` / ``dilation`` (the
     contract: :mod:`gencnp_fast.kernels.contract`)."""
     return torch.ops.gencnp_fast.gathered_conv2d(
         x, in_idx, weight, bias, out_idx, sample_group, residual, list(pair(stride, "stride")),
         list(pair(padding, "padding")), list(pair(dilation, "dilation")), bool(relu), problems, int(max_group),
-        bool(check_indices))
+        bool(check_indices), residual_take)

@@ -3,7 +3,7 @@ launcher, the problem-list helper, and the plain-torch implementation (the ``"to
 oracle). Needs no compiled code. The compiled kernels check the same contract in ``csrc/gathered_conv_params.cpp``.
 
 ``gathered_conv2d(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
-problems=None, max_group=-1)`` (docs/design.md §3)::
+problems=None, max_group=-1, check_indices=True, residual_take=None)`` (docs/design.md §3)::
 
     out[b, j] = act(bias[o] + sum_{j' valid} conv(x[b, j'], weight[o, in_idx[b, j']]) + residual[b, j])
     o = out_idx[b, j];  out[b, j] = 0 exactly where out_idx[b, j] == -1
@@ -17,6 +17,9 @@ problems=None, max_group=-1)`` (docs/design.md §3)::
   shared mask: all equal; per-class masks: the class; per-sample masks: all distinct); one weight tile is gathered
   per group.
 - ``residual`` ``[B, Kout, Ho, Wo]`` aligned with ``out_idx``, added before the ReLU.
+- ``residual_take`` int64 ``[Kout]`` (optional; one row for the whole batch): the residual is stored for another
+  channel set, ``[B, Kres, Ho, Wo]``, and position ``j`` adds ``residual[b, residual_take[j]]``, nothing where it is
+  ``-1`` (:func:`compact_residual`; the CPU kernel reads it in place, the others re-compact first).
 - ``problems`` int32 ``[B + 2G]`` and ``max_group``: the grouped-problem list of ``sample_group`` (samples sorted by
   group, start of each group, size of each group) and the largest group, planned beforehand; without them each
   backend derives them (the CUDA kernel and the Triton launcher then synchronise with the device).
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IntPair", "pair", "conv_output_size", "check_gathered_conv", "check_index_values", "problem_list",
-           "gathered_conv2d_reference"]
+           "check_residual_take", "compact_residual", "gathered_conv2d_reference"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -59,7 +62,8 @@ def conv_output_size(h: int, w: int, kh: int, kw: int, stride: IntPair = 1, padd
 
 
 def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
-                        problems=None, max_group=-1, dtypes=(torch.float32,)) -> Tuple[int, int, int, int]:
+                        problems=None, max_group=-1, dtypes=(torch.float32,),
+                        residual_take=None) -> Tuple[int, int, int, int]:
     """Check the shapes, dtypes and devices of the op's arguments (``torch._check``: works on fake tensors too) and
     return the output shape ``(B, Kout, Ho, Wo)``. Values are not read here."""
     op = "gathered_conv2d: "
@@ -74,7 +78,8 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
         if t is not None:
             torch._check(t.dtype == torch.int32, lambda: op + f"{name} must be int32, got {t.dtype}")
     for name, t in (("in_idx", in_idx), ("weight", weight), ("bias", bias), ("out_idx", out_idx),
-                    ("sample_group", sample_group), ("residual", residual), ("problems", problems)):
+                    ("sample_group", sample_group), ("residual", residual), ("problems", problems),
+                    ("residual_take", residual_take)):
         if t is not None:
             torch._check(t.device == x.device, lambda: op + f"{name} is on {t.device}, x is on {x.device}")
     B, KIN, H, W = x.shape
@@ -94,9 +99,19 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
                  lambda: op + f"input {H}x{W} is smaller than the (dilated) kernel {KH}x{KW} with padding {padding}")
     HO, WO = conv_output_size(H, W, KH, KW, stride, padding, dilation)
     KOUT = out_idx.shape[1]
-    torch._check(residual is None or tuple(residual.shape) == (B, KOUT, HO, WO),
-                 lambda: op + f"residual must be [B, Kout, Ho, Wo] = {[B, KOUT, HO, WO]}, got "
-                 f"{tuple(residual.shape)}")
+    if residual_take is None:
+        torch._check(residual is None or tuple(residual.shape) == (B, KOUT, HO, WO),
+                     lambda: op + f"residual must be [B, Kout, Ho, Wo] = {[B, KOUT, HO, WO]}, got "
+                     f"{tuple(residual.shape)}")
+    else:
+        torch._check(residual is not None, lambda: op + "residual_take is given without a residual")
+        torch._check(residual.dim() == 4 and residual.shape[0] == B and tuple(residual.shape[2:]) == (HO, WO),
+                     lambda: op + f"residual must be [B, Kres, Ho, Wo] = [{B}, any, {HO}, {WO}], got "
+                     f"{tuple(residual.shape)}")
+        torch._check(residual_take.dtype == torch.int64,
+                     lambda: op + f"residual_take must be int64, got {residual_take.dtype}")
+        torch._check(residual_take.dim() == 1 and residual_take.shape[0] == KOUT,
+                     lambda: op + f"residual_take must be [Kout] = [{KOUT}], got {tuple(residual_take.shape)}")
     if problems is not None:
         torch._check(problems.dim() == 1 and problems.shape[0] >= B and (problems.shape[0] - B) % 2 == 0,
                      lambda: op + f"problems must be [B + 2G] with B = {B}, got {tuple(problems.shape)}")
@@ -160,6 +175,28 @@ def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c
             torch._assert_async(ok, "gathered_conv2d: " + what)
 
 
+def check_residual_take(residual_take: torch.Tensor, k_res: int) -> None:
+    """``residual_take`` values in ``[-1, k_res)``: a ``ValueError`` for CPU tensors, ``torch._assert_async`` on a
+    GPU (reported at the next synchronisation)."""
+    ok = ((residual_take >= -1) & (residual_take < k_res)).all()
+    what = f"gathered_conv2d: a residual_take value is out of range [-1, {k_res})"
+    if residual_take.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(what)
+    else:
+        torch._assert_async(ok, what)
+
+
+def compact_residual(residual: torch.Tensor, residual_take: torch.Tensor) -> torch.Tensor:
+    """``residual`` ``[B, Kres, Ho, Wo]`` re-compacted by ``residual_take`` ``[Kout]``: ``[B, Kout, Ho, Wo]``,
+    channel ``j`` = ``residual[:, residual_take[j]]``, zeros where ``residual_take[j] == -1``."""
+    k_res = residual.shape[1]
+    if k_res == 0:
+        return residual.new_zeros((residual.shape[0], residual_take.shape[0]) + tuple(residual.shape[2:]))
+    out = residual.index_select(1, residual_take.clamp(0, k_res - 1))
+    return out.masked_fill_((residual_take < 0).view(1, -1, 1, 1), 0).contiguous()
+
+
 def problem_list(sample_group: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """``(problems, max_group)`` of ``sample_group``: int32 ``[B + 2G]`` (samples stably sorted by group id, start
     of each group, size of each group) on its device, and the largest group (one synchronisation on a GPU)."""
@@ -185,13 +222,18 @@ def gathered_conv2d_reference(
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
     check_indices: bool = True,
+    residual_take: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain-torch implementation of the contract: per group, the group's weights gathered with ``index_select`` and
     ``F.conv2d`` on the group's samples. The tests' oracle and the ``"torch"`` backend (slow; any device)."""
     B, _, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
-                                       dilation, problems, max_group, dtypes=(x.dtype,))
+                                       dilation, problems, max_group, dtypes=(x.dtype,), residual_take=residual_take)
     if check_indices:
         check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
+        if residual_take is not None:
+            check_residual_take(residual_take, residual.shape[1])
+    if residual_take is not None:
+        residual = compact_residual(residual, residual_take)
     out = x.new_zeros((B, out_idx.shape[1], HO, WO))
     if B == 0 or out_idx.shape[1] == 0:
         return out

@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import check_gathered_conv, check_index_values, pair, problem_list
+from .contract import (check_gathered_conv, check_index_values, check_residual_take, compact_residual, pair,
+                       problem_list)
 
 __all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
@@ -250,16 +251,18 @@ def gathered_conv2d_triton(
     problems: Optional[torch.Tensor] = None,
     max_group: int = -1,
     check_indices: bool = True,
+    residual_take: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The gathered conv (the contract of ``gencnp_fast::gathered_conv2d``, :mod:`gencnp_fast.kernels.contract`)
     with the Triton kernel, registered as the op ``torch.ops.gencnp_fast.gathered_conv2d_triton``.
 
     float32, float16 or bfloat16 (x, weight, bias and residual in one dtype), float32 accumulation; CUDA tensors,
     or CPU tensors under ``TRITON_INTERPRET=1``. Without ``problems`` the problem list is derived from
-    ``sample_group`` (one synchronisation).
+    ``sample_group`` (one synchronisation). ``residual_take``: the residual is re-compacted first
+    (:func:`~gencnp_fast.kernels.contract.compact_residual`), not read in place.
     """
     B, KOUT, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride,
-                                          padding, dilation, problems, max_group, _DTYPES)
+                                          padding, dilation, problems, max_group, _DTYPES, residual_take)
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"gathered_conv2d_triton: tensors must be on a CUDA device (got {x.device}); "
                          "CPU tensors run only under TRITON_INTERPRET=1")
@@ -270,6 +273,10 @@ def gathered_conv2d_triton(
         problems, max_group = problem_list(sample_group)
     if check_indices:
         check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
+        if residual_take is not None:
+            check_residual_take(residual_take, residual.shape[1])
+    if residual_take is not None:
+        residual = compact_residual(residual, residual_take)
     ngroups = (problems.shape[0] - B) // 2
     _launch(x.contiguous(), in_idx.contiguous(), weight.contiguous(), bias, out_idx.contiguous(), residual,
             out, problems.contiguous(), ngroups, max_group, pair(stride, "stride"), pair(padding, "padding"),
@@ -279,9 +286,10 @@ def gathered_conv2d_triton(
 
 @gathered_conv2d_triton.register_fake
 def _gathered_conv2d_triton_fake(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
-                                 dilation, relu, problems=None, max_group=-1, check_indices=True):
+                                 dilation, relu, problems=None, max_group=-1, check_indices=True,
+                                 residual_take=None):
     shape = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation,
-                                problems, max_group, _DTYPES)
+                                problems, max_group, _DTYPES, residual_take)
     return x.new_empty(shape)
 
 

@@ -64,6 +64,7 @@ class RemapIndex:
     width: int = 0
     take: Optional[torch.Tensor] = None
     keep: Optional[torch.Tensor] = None
+    fused_take: Optional[torch.Tensor] = None  # residual_take_row's result, kept with the run's indices
 
 
 @dataclasses.dataclass
@@ -219,6 +220,18 @@ def _views(req: RunRequests, planned, i32: torch.Tensor, i64: torch.Tensor, u8: 
             out.keep = u8.as_strided((r.rows, r.width), (r.width, 1), r.keep_offset) if r.keep_offset >= 0 else None
         remaps[key] = out
     return RunIndices(sets, groups, remaps)
+
+
+def residual_take_row(r: RemapIndex) -> Optional[torch.Tensor]:
+    """A ``ROW`` remap (one set for the batch) as the ``residual_take`` of ``gencnp_fast::gathered_conv2d``: int64
+    ``[width]``, ``-1`` where ``keep`` is 0, so that a conv's epilogue reads the residual in place instead of a
+    re-compacted copy (ResNet's identity shortcuts under one shared mask). None for every other kind."""
+    if r.kind != compiled().RemapKind.ROW:
+        return None
+    if r.fused_take is None:
+        take = r.take[0]
+        r.fused_take = take.contiguous() if r.keep is None else take.masked_fill(r.keep[0] == 0, -1)
+    return r.fused_take
 
 
 def apply_remap(x: torch.Tensor, r: RemapIndex) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .indices import RunIndices, apply_remap, small_map_eligible
+from .indices import RunIndices, apply_remap, residual_take_row, small_map_eligible
 from .sets import FlatFeatures
 from .steps import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep
 
@@ -24,8 +24,8 @@ __all__ = ["run_plan", "ConvFn", "small_map_weights"]
 SMALL_MAP_MIN_BATCH = 16
 
 # A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
-# problems, max_group, check_indices) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d; the
-# interpreter passes check_indices=False: the run index planner builds valid indices)
+# problems, max_group, check_indices, residual_take) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d;
+# the interpreter passes check_indices=False: the run index planner builds valid indices)
 ConvFn = Callable[..., torch.Tensor]
 
 
@@ -60,13 +60,20 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
     b = x.shape[0]
     if st.linear:
         x = x.reshape(b, -1, 1, 1)
-    residual = None
+    dense = in_ch.full and out_ch.full
+    small = (not dense and in_ch.ngroups == 1 and out_ch.ngroups == 1 and b >= SMALL_MAP_MIN_BATCH
+             and small_map_eligible(st))
+    residual = residual_take = None
     if st.residual is not None:
         res_slot, res_set = st.residual
-        residual = apply_remap(env[res_slot], ix.remaps[(res_set, st.out_set)])
+        remap = ix.remaps[(res_set, st.out_set)]
+        # The gathered conv re-compacts a residual stored for one set of the batch in its epilogue (residual_take);
+        # the dense and small-map paths, and per-sample sets, take a re-compacted copy.
+        residual_take = None if dense or small else residual_take_row(remap)
+        residual = env[res_slot] if residual_take is not None else apply_remap(env[res_slot], remap)
         if st.linear:
             residual = residual.reshape(b, -1, 1, 1)
-    if in_ch.full and out_ch.full:
+    if dense:
         # Nothing pruned on either side: the dense conv (BN folded) is the fastest kernel there is.
         y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
         if residual is not None:
@@ -75,7 +82,7 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
             y = y.relu_()
         return y.reshape(b, -1) if st.linear else y
     groups = ix.conv_groups[(st.in_set, st.out_set)]
-    if in_ch.ngroups == 1 and out_ch.ngroups == 1 and b >= SMALL_MAP_MIN_BATCH and small_map_eligible(st):
+    if small:
         # One mask for the whole batch on a tiny map: the conv as a dense linear map of the whole map (2.25x fewer
         # FLOPs for 3x3 on 2x2, same sums in the same order). It reads 2-4x the weight bytes of the 3x3 taps, so
         # it pays only where the FLOPs dominate: a large batch of one group. Several groups would gather the larger
@@ -90,7 +97,7 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
         return y.reshape(b, -1, ho, wo)
     y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
              None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
-             list(st.dilation), st.relu, groups.problems, groups.max_group, False)
+             list(st.dilation), st.relu, groups.problems, groups.max_group, False, residual_take)
     return y.reshape(b, -1) if st.linear else y
 
 
