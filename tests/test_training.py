@@ -6,7 +6,7 @@ import torch
 from gencnp_fast.data import mnist_split, split_data
 from gencnp_fast.generator import GenCNP, TrainConfig, seed_everything, train_gencnp
 from gencnp_fast.models import mnist_vgg
-from gencnp_fast.target import accuracy, train_target
+from gencnp_fast.target import train_target
 
 
 @pytest.fixture(scope="module")

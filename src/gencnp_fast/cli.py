@@ -32,9 +32,12 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:  # the data module loads lazily (a CLI call that reads no images does not import it)
+    from .data import ImageSet
 
 __all__ = ["main", "build_parser", "run_demo", "DEMO_CONFIGS", "CLIError"]
 
