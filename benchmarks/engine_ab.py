@@ -4,6 +4,7 @@
     python benchmarks/engine_ab.py pooling vgg16_bn_cifar 32 1 per_sample 400
     python benchmarks/engine_ab.py pooling resnet50 224 8 shared 24
     python benchmarks/engine_ab.py residual resnet50 224 8 shared 20
+    python benchmarks/engine_ab.py packed vgg16_bn_cifar 32 1 per_sample 400
 
 Changes:
   pooling   the compiled ``gencnp_fast::max_pool2d`` and the skipped / mean adaptive average pooling (new) against
@@ -11,6 +12,9 @@ Changes:
             functions are swapped.
   residual  a shortcut stored for another channel set re-compacted in the conv's epilogue (``residual_take``, new)
             against a ``gather_channels`` copy before the conv (old).
+  packed    a one-mask conv's weight gathered to its active channels once the masks recur (``packed_conv``, new)
+            against the kernel reading the rows it needs from the whole weight (old). Both arms run hot here
+            (back to back); the benchmarks' paired rounds run it after the dense reference, with cold caches.
 
 The two arms alternate round by round in one process (warm-up call, then one timed ``fast_pathway_forward``), so
 that the machine's drifts hit both; the result is the median over rounds of old time / new time, with its
@@ -73,7 +77,18 @@ def residual_arms(model: nn.Module, plan) -> Arms:
     return {"old": use(lambda remap: None), "new": use(fused)}
 
 
-CHANGES = {"pooling": pooling_arms, "residual": residual_arms}
+def packed_arms(model: nn.Module, plan) -> Arms:
+    packed = interpreter.packed_conv
+
+    def use(fn):
+        def switch():
+            interpreter.packed_conv = fn
+        return switch
+
+    return {"old": use(lambda st, ix, in_ch, out_ch: None), "new": use(packed)}
+
+
+CHANGES = {"pooling": pooling_arms, "residual": residual_arms, "packed": packed_arms}
 
 
 def main() -> None:

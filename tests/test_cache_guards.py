@@ -69,14 +69,17 @@ def _bn0(model):
     return model.features[1]
 
 
-@pytest.mark.parametrize("change", [
+CHANGES = [
     lambda m: setattr(_conv0(m).weight, "data", _conv0(m).weight.data * 2),  # .data replaced
     lambda m: _conv0(m).weight.mul_(2),  # in place (under no_grad, as an optimizer step): version counted
     lambda m: setattr(_bn0(m).running_var, "data", _bn0(m).running_var.data * 3),  # a BN buffer's .data replaced
     lambda m: _bn0(m).running_mean.add_(1.0),  # a buffer in place
     lambda m: m.load_state_dict(_setup(seed=5)[0].state_dict()),
     lambda m: setattr(_bn0(m), "bias", nn.Parameter(torch.randn(8))),  # a parameter replaced
-])
+]
+
+
+@pytest.mark.parametrize("change", CHANGES)
 def test_visible_changes_recompile(change):
     model, x, path = _setup()
     before = _check(model, path, x)
@@ -84,6 +87,21 @@ def test_visible_changes_recompile(change):
         change(model)
     after = _check(model, path, x)
     assert rel_err(after, before) > 1e-3  # the change mattered, and the fast path follows it
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_visible_changes_reach_packed_weights(change):
+    """A one-mask run whose masks recur uses weights gathered to its channels (plan.indices.packed_conv), kept with
+    the run's indices: a change of the model must reach them too."""
+    model, x, _ = _setup()
+    path = g.Pathway.random(g.pathway_units(model, x), 0.5, None, generator=torch.Generator().manual_seed(4))
+    _check(model, path, x)
+    before = _check(model, path, x)  # the masks recur: packed weights
+    with torch.no_grad():
+        change(model)
+    after = _check(model, path, x)
+    assert rel_err(after, before) > 1e-3
+    _check(model, path, x)
 
 
 def test_replaced_submodule_recompiles_and_rechecks_masks():

@@ -161,6 +161,35 @@ def test_forward_with_either_planner(name, sharing):
     assert rel_err(compiled, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("name,sharing,batch,packs", [("vgg16_bn_cifar", "per_sample", 1, True),
+                                                      ("resnet18_cifar", "shared", 3, True),
+                                                      ("resnet18_cifar", "per_sample", 3, False)])
+def test_recurring_one_mask_runs_use_packed_weights(name, sharing, batch, packs):
+    """A run whose masks were seen before gathers each one-mask conv's weight to its active channels once
+    (plan.indices.packed_conv) and gives bit-for-bit the first run's logits; fresh masks and per-sample masks of
+    several samples keep the whole weight."""
+    from gencnp_fast.plan.cache import get_plan
+
+    model = models.randomize_bn(getattr(models, name)(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    units = g.pathway_units(model, x)
+    path = g.Pathway.random(units, 0.25, None if sharing == "shared" else batch,
+                            generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = g.fast_pathway_forward(model, path, x, backend="cpu")
+        plan = get_plan(model, x, frozenset(u.name for u in units))
+        assert not plan.last_run[4].packed and not plan.last_run[4].reused
+        again = g.fast_pathway_forward(model, path, x, backend="cpu")
+        assert plan.last_run[4].reused and bool(plan.last_run[4].packed) == packs
+        assert torch.equal(again, first)
+        assert torch.equal(g.fast_pathway_forward(model, path, x, backend="cpu"), first)
+        other = g.Pathway.random(units, 0.25, None if sharing == "shared" else batch,
+                                 generator=torch.Generator().manual_seed(3))
+        fresh = g.fast_pathway_forward(model, other, x, backend="cpu")
+        assert not plan.last_run[4].packed  # new masks: new indices, nothing packed yet
+        assert rel_err(fresh, g.reference_pathway_forward(model, other, x)) <= 1e-4
+
+
 def test_step_seconds_times_every_step_without_changing_the_result():
     """``run_plan(step_seconds=...)`` (the layer profiler) records one time per step per run and returns the same
     logits as an untimed run."""

@@ -69,11 +69,16 @@ class RemapIndex:
 
 @dataclasses.dataclass
 class RunIndices:
-    """Every index list of one run of a plan, by request."""
+    """Every index list of one run of a plan, by request. ``reused``: these indices served an earlier run with the
+    same masks (:func:`plan_run`); ``packed``: per conv step, its weight gathered to the active channels of a
+    one-mask run, kept with the indices (:func:`packed_conv`)."""
 
     sets: Dict[ChannelSetRef, ChannelIndex]
     conv_groups: Dict[Tuple[ChannelSetRef, ChannelSetRef], ConvGroups]
     remaps: Dict[Tuple[ChannelSetRef, ChannelSetRef], RemapIndex]
+    reused: bool = False
+    packed: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -182,6 +187,7 @@ def plan_run(plan: Plan, host_masks: Dict[str, torch.Tensor], batch: int, device
     last = plan.last_run
     if (last is not None and last[0] == batch and last[1] == device and last[2] == [tuple(m.shape) for m in masks]
             and (key is None or torch.equal(last[3], key))):
+        last[4].reused = True
         return last[4]
     planned = compiled().plan_run_indices(req.program, masks, batch, device.type == "cuda")
     bufs = [planned.i32, planned.i64, planned.u8]
@@ -220,6 +226,44 @@ def _views(req: RunRequests, planned, i32: torch.Tensor, i64: torch.Tensor, u8: 
             out.keep = u8.as_strided((r.rows, r.width), (r.width, 1), r.keep_offset) if r.keep_offset >= 0 else None
         remaps[key] = out
     return RunIndices(sets, groups, remaps)
+
+
+# Gather a one-mask conv's weight once its masks recur, unless that keeps more than this share of the weight.
+PACK_MAX_SHARE = 0.25
+
+
+def packed_conv(st: ConvStep, ix: RunIndices, in_ch: ChannelIndex,
+                out_ch: ChannelIndex) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor,
+                                                        torch.Tensor]]:
+    """``(weight, bias, in_idx, out_idx)`` of ``st`` with its weight gathered to the run's active channels, for a
+    conv whose input and output sets have one row for the batch, on the CPU, in a run whose masks were seen before
+    (``ix.reused``: a class pathway applied batch after batch, one image at a time): the kernel then reads one
+    contiguous block of ``n_out x n_in`` filters instead of rows scattered over the whole weight (at batch 1 it
+    reads the weight from memory, where the scattered rows cost several times the bytes they use). The indices
+    become positions ``0..n-1`` (then -1), so the op computes the same sums in the same order: bit-equal. Built on
+    the second run with the same masks and kept with the indices; None where it does not apply."""
+    if not ix.reused or in_ch.ngroups != 1 or out_ch.ngroups != 1 or st.weight.device.type != "cpu":
+        return None
+    key = id(st)
+    hit = ix.packed.get(key)
+    if hit is not None:
+        return hit
+    in_row, out_row = in_ch.idx[0], out_ch.idx[0]
+    n_in, n_out = int((in_row >= 0).sum()), int((out_row >= 0).sum())
+    c_out, c_in = st.weight.shape[:2]
+    if n_in * n_out > PACK_MAX_SHARE * c_in * c_out:
+        return None
+    oc, ic = out_row[:n_out].long(), in_row[:n_in].long()
+    weight = st.weight[oc[:, None], ic[None, :]].contiguous()
+    bias = None if st.bias is None else st.bias[oc].contiguous()
+
+    def positions(idx: torch.Tensor, n: int) -> torch.Tensor:
+        row = torch.arange(idx.shape[1], dtype=torch.int32)
+        row[n:] = -1
+        return row.expand(idx.shape[0], -1)
+
+    ix.packed[key] = (weight, bias, positions(in_ch.idx, n_in), positions(out_ch.idx, n_out))
+    return ix.packed[key]
 
 
 def residual_take_row(r: RemapIndex) -> Optional[torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .indices import RunIndices, apply_remap, residual_take_row, small_map_eligible
+from .indices import RunIndices, apply_remap, packed_conv, residual_take_row, small_map_eligible
 from .sets import FlatFeatures
 from .steps import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep
 
@@ -95,7 +95,9 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
                  ix.sets[FlatFeatures(st.out_set, ho * wo)].idx, groups.sample_group, res2, [1, 1], [0, 0], [1, 1],
                  st.relu, groups.problems, groups.max_group, False)
         return y.reshape(b, -1, ho, wo)
-    y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
+    packed = packed_conv(st, ix, in_ch, out_ch)
+    weight, bias, in_idx, out_idx = packed if packed is not None else (st.weight, st.bias, in_ch.idx, out_ch.idx)
+    y = conv(x.contiguous(), in_idx, weight, bias, out_idx, groups.sample_group,
              None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
              list(st.dilation), st.relu, groups.problems, groups.max_group, False, residual_take)
     return y.reshape(b, -1) if st.linear else y
