@@ -66,26 +66,18 @@ def pooling_arms(model: nn.Module, plan) -> Arms:
     return {"old": use(old), "new": use(new)}
 
 
+def _swap_arms(name: str, old) -> Arms:
+    """Arms that set ``interpreter.<name>`` to ``old`` or back to the engine's own function."""
+    new = getattr(interpreter, name)
+    return {"old": lambda: setattr(interpreter, name, old), "new": lambda: setattr(interpreter, name, new)}
+
+
 def residual_arms(model: nn.Module, plan) -> Arms:
-    fused = interpreter.residual_take_row
-
-    def use(fn):
-        def switch():
-            interpreter.residual_take_row = fn
-        return switch
-
-    return {"old": use(lambda remap: None), "new": use(fused)}
+    return _swap_arms("residual_take_row", lambda remap: None)
 
 
 def packed_arms(model: nn.Module, plan) -> Arms:
-    packed = interpreter.packed_conv
-
-    def use(fn):
-        def switch():
-            interpreter.packed_conv = fn
-        return switch
-
-    return {"old": use(lambda st, ix, in_ch, out_ch: None), "new": use(packed)}
+    return _swap_arms("packed_conv", lambda st, ix, in_ch, out_ch: None)
 
 
 CHANGES = {"pooling": pooling_arms, "residual": residual_arms, "packed": packed_arms}
