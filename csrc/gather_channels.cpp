@@ -3,13 +3,13 @@
 // indexing per sample), then the absent channels zeroed. Registered as CompositeExplicitAutograd, so a CUDA build
 // needs no kernel of its own. Index values are checked with a device-side assert (no synchronisation on a GPU;
 // reported at the next one).
-#include <ATen/ATen.h>
+#include "gather_channels.h"
+
 #include <torch/library.h>
 
 #include <vector>
 
 namespace gencnp_fast {
-namespace {
 
 at::Tensor gather_channels_aten(const at::Tensor& x, const at::Tensor& take,
                                 const c10::optional<at::Tensor>& keep) {
@@ -50,8 +50,6 @@ at::Tensor gather_channels_aten(const at::Tensor& x, const at::Tensor& take,
   }
   return out.contiguous();
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gencnp_fast, CompositeExplicitAutograd, m) { m.impl("gather_channels", &gather_channels_aten); }
 

@@ -2,6 +2,7 @@
 #include "gathered_conv_params.h"
 
 #include "common.h"
+#include "gather_channels.h"
 
 #include <algorithm>
 #include <numeric>
@@ -238,12 +239,9 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
       at::_assert_async(p.residual_take.ge(-1).logical_and(p.residual_take.lt(Kres)).all(),
                         "gathered_conv2d: residual_take has a value out of range [-1, Kres)");
     }
-    if (!fuse_residual_take) {  // re-compact here: [B, Kout, Ho, Wo], zeros where residual_take is -1
-      const at::Tensor absent = p.residual_take.lt(0).view({1, p.Kout, 1, 1});
-      p.residual = Kres == 0 ? at::zeros({p.B, p.Kout, p.Ho, p.Wo}, p.residual.options())
-                             : p.residual.index_select(1, p.residual_take.clamp(0, Kres - 1))
-                                   .masked_fill_(absent, 0)
-                                   .contiguous();
+    if (!fuse_residual_take) {  // re-compact here (gather_channels): [B, Kout, Ho, Wo], zeros where it is -1
+      const at::Tensor row = p.residual_take.unsqueeze(0);
+      p.residual = gather_channels_aten(p.residual, row.clamp_min(0), row.ge(0).to(at::kByte));
       p.residual_take = at::Tensor();
     }
   }

@@ -17,4 +17,8 @@ struct MaxPoolGeom {
 MaxPoolGeom max_pool2d_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                                 at::IntArrayRef padding);
 
+// The op with ATen's max_pool2d (every device and dtype; the CPU kernel's fallback for dtypes other than float32).
+at::Tensor max_pool2d_aten(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding);
+
 }  // namespace gencnp_fast

@@ -74,10 +74,8 @@ void row_maxima(const float* row, int64_t W, int64_t Wo, int64_t kw, int64_t sw,
 at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                           at::IntArrayRef padding) {
   TORCH_CHECK(x_in.device().is_cpu(), "max_pool2d: x must be a CPU tensor here, got ", x_in.device());
+  if (x_in.scalar_type() != at::kFloat) return max_pool2d_aten(x_in, kernel, stride, padding);  // the same values
   const MaxPoolGeom g = max_pool2d_geometry(x_in, kernel, stride, padding);
-  if (x_in.scalar_type() != at::kFloat) {  // other dtypes: ATen's kernel (the same values)
-    return at::max_pool2d(x_in, kernel, stride, padding, /*dilation=*/{1, 1}, /*ceil_mode=*/false);
-  }
   const int64_t kh = g.kh, kw = g.kw, sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw, Ho = g.Ho, Wo = g.Wo;
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IntPair", "pair", "conv_output_size", "check_gathered_conv", "check_index_values", "problem_list",
-           "check_residual_take", "compact_residual", "gathered_conv2d_reference"]
+           "compact_residual", "gathered_conv2d_reference"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -123,11 +123,13 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
 
 def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c_out: int,
                        problems: Optional[torch.Tensor], max_group: int,
-                       sample_group: Optional[torch.Tensor] = None) -> None:
+                       sample_group: Optional[torch.Tensor] = None, residual_take: Optional[torch.Tensor] = None,
+                       k_res: int = 0) -> None:
     """The index values of a call: ``in_idx`` in ``[-1, c_in)`` and ``out_idx`` in ``[-1, c_out)``, each row's
     valid entries strictly increasing and before its -1 padding, samples of one group with identical rows, a problem
-    list whose groups tile the batch with ``max_group`` the largest. CPU tensors: a ``ValueError`` naming the
-    problem; GPU tensors: ``torch._assert_async`` (no synchronisation; a bad value is reported at the next one)."""
+    list whose groups tile the batch with ``max_group`` the largest, ``residual_take`` (if given) in ``[-1, k_res)``.
+    CPU tensors: a ``ValueError`` naming the problem; GPU tensors: ``torch._assert_async`` (no synchronisation; a bad
+    value is reported at the next one)."""
     B = in_idx.shape[0]
 
     def ordered(t):  # each adjacent pair (a, b): b is padding, or a is valid and b > a
@@ -167,24 +169,15 @@ def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c
             sg = sample_group[samples.clamp(0, B - 1).long()]
             checks.append(((first[1:] | (sg[1:] == sg[:-1])).all(), "problems: a group mixes samples of different "
                            "sample_group values"))
+    if residual_take is not None:
+        checks.append((((residual_take >= -1) & (residual_take < k_res)).all(),
+                       f"a residual_take value is out of range [-1, {k_res})"))
     for ok, what in checks:
         if in_idx.device.type == "cpu":
             if not bool(ok):
                 raise ValueError("gathered_conv2d: " + what)
         else:
             torch._assert_async(ok, "gathered_conv2d: " + what)
-
-
-def check_residual_take(residual_take: torch.Tensor, k_res: int) -> None:
-    """``residual_take`` values in ``[-1, k_res)``: a ``ValueError`` for CPU tensors, ``torch._assert_async`` on a
-    GPU (reported at the next synchronisation)."""
-    ok = ((residual_take >= -1) & (residual_take < k_res)).all()
-    what = f"gathered_conv2d: a residual_take value is out of range [-1, {k_res})"
-    if residual_take.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(what)
-    else:
-        torch._assert_async(ok, what)
 
 
 def compact_residual(residual: torch.Tensor, residual_take: torch.Tensor) -> torch.Tensor:
@@ -229,9 +222,8 @@ def gathered_conv2d_reference(
     B, _, HO, WO = check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding,
                                        dilation, problems, max_group, dtypes=(x.dtype,), residual_take=residual_take)
     if check_indices:
-        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
-        if residual_take is not None:
-            check_residual_take(residual_take, residual.shape[1])
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group,
+                           residual_take, 0 if residual is None else residual.shape[1])
     if residual_take is not None:
         residual = compact_residual(residual, residual_take)
     out = x.new_zeros((B, out_idx.shape[1], HO, WO))

@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import (check_gathered_conv, check_index_values, check_residual_take, compact_residual, pair,
-                       problem_list)
+from .contract import check_gathered_conv, check_index_values, compact_residual, pair, problem_list
 
 __all__ = ["gathered_conv2d_triton", "gathered_linear_triton", "autotune_enabled", "heuristic_config", "INTERPRET"]
 
@@ -272,9 +271,8 @@ def gathered_conv2d_triton(
     if problems is None:
         problems, max_group = problem_list(sample_group)
     if check_indices:
-        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group)
-        if residual_take is not None:
-            check_residual_take(residual_take, residual.shape[1])
+        check_index_values(in_idx, out_idx, weight.shape[1], weight.shape[0], problems, max_group, sample_group,
+                           residual_take, 0 if residual is None else residual.shape[1])
     if residual_take is not None:
         residual = compact_residual(residual, residual_take)
     ngroups = (problems.shape[0] - B) // 2
