@@ -28,7 +28,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
-
 void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim, name,
               " must be a float32 CPU tensor with ", dim, " dimensions, got ", t.scalar_type(), " ", t.sizes(),

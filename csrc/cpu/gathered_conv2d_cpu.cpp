@@ -230,6 +230,9 @@ struct Problem {
   std::vector<int64_t> samples;  // sample ids ordered by group
   std::vector<GroupInfo> groups;
   std::vector<int64_t> in_pos, in_ch, out_pos, out_ch;
+
+  // The residual channel that output position `pos` adds (-1: none).
+  int64_t residual_channel(int64_t pos) const { return res_take ? res_take[pos] : pos; }
 };
 
 // Gather weights of tile `mt` of group g into dst [K][16] (rows past mv are zero).
@@ -390,7 +393,7 @@ EpilogueFn pick_epilogue(bool res, bool relu) {
 struct ColumnBuffer {
   std::vector<const float*> ptr;
   std::vector<int64_t> base;
-  std::vector<int64_t> rbase;  // residual offset of each column (sample * res_K * P + pixel)
+  std::vector<int64_t> rbase;  // with residual_take: residual offset of each column (sample * res_K * P + pixel)
 };
 thread_local ColumnBuffer tl_cols;
 
@@ -453,7 +456,7 @@ void run_item_pointwise(const Problem& pb, const WorkItem& it) {
         for (int r = 0; r < rows; ++r) {
           const int64_t o = obase + opos[r] * P;
           __m512 v = _mm512_add_ps(_mm512_load_ps(Ct + r * 16), _mm512_set1_ps(pb.bias ? pb.bias[och[r]] : 0.f));
-          const int64_t rc = pb.res_take ? pb.res_take[opos[r]] : opos[r];  // residual channel, -1: none
+          const int64_t rc = pb.residual_channel(opos[r]);
           if (rb != nullptr && rc >= 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, rb + rc * P));
           if (pb.relu) v = _mm512_max_ps(zero, v);  // NaN stays NaN (max returns its second operand for a NaN)
           _mm512_mask_storeu_ps(pb.out + o, lanes, v);
@@ -530,8 +533,9 @@ void run_item(const Problem& pb, const WorkItem& it) {
     if (static_cast<int64_t>(cols.ptr.size()) < ncol) {
       cols.ptr.resize(ncol);
       cols.base.resize(ncol);
-      cols.rbase.resize(ncol);
     }
+    // sized on its own: the thread's buffers outlive the call, and calls without residual_take leave rbase short
+    if (pb.res_take && static_cast<int64_t>(cols.rbase.size()) < ncol) cols.rbase.resize(ncol);
     {
       // walk (sample, oy, ox) incrementally: no divisions per column
       int64_t s = s0, p = cb - s0 * G.P;
@@ -542,7 +546,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
                                    : pb.x + b * sstride;
         cols.ptr[i] = sb + oy * G.sh * rowlen + ox * G.sw;
         cols.base[i] = b * G.Kout * G.P + p;
-        cols.rbase[i] = b * pb.res_K * G.P + p;
+        if (pb.res_take) cols.rbase[i] = b * pb.res_K * G.P + p;
         ++p;
         if (++ox == G.Wo) {
           ox = 0;
@@ -556,7 +560,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
       for (int64_t i = ce - cb; i < ncol; ++i) {  // pad the last panel with its last column
         cols.ptr[i] = cols.ptr[ce - cb - 1];
         cols.base[i] = cols.base[ce - cb - 1];
-        cols.rbase[i] = cols.rbase[ce - cb - 1];
+        if (pb.res_take) cols.rbase[i] = cols.rbase[ce - cb - 1];
       }
     }
     for (int64_t mt = it.m0; mt < it.m1; ++mt) {
@@ -572,7 +576,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
       const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
       for (int r = 0; r < rows; ++r) {
         roff[r] = opos[r] * G.P;
-        const int64_t rc = pb.res_take ? pb.res_take[opos[r]] : opos[r];  // residual channel, -1: none
+        const int64_t rc = pb.residual_channel(opos[r]);
         rroff[r] = rc >= 0 ? rc * G.P : -1;
         bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
       }
@@ -580,8 +584,9 @@ void run_item(const Problem& pb, const WorkItem& it) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
         run_micro_kernel(nr, K, A, cols.ptr.data() + q * NR, koff, Ct);
-        epi(pb.out, pb.residual, cols.base.data() + q * NR, cols.rbase.data() + q * NR, nr, rows, roff, rroff,
-            bvals, Ct);
+        // without residual_take the residual sits at out's offsets (res_K == Kout)
+        const int64_t* rbase = (pb.res_take ? cols.rbase.data() : cols.base.data()) + q * NR;
+        epi(pb.out, pb.residual, cols.base.data() + q * NR, rbase, nr, rows, roff, rroff, bvals, Ct);
       }
     }
   }
