@@ -218,6 +218,34 @@ def test_pointwise_layers(backend, sharing, Kin, H, W, stride, residual):
                            seed=Kin * H + W))
 
 
+# (C_in, Kin, Kout, H, W, stride, padding, dilation, residual, n_in; n_out random unless n_in is given): output rows of 16 or 32 pixels (the CPU
+# kernel's pixel tiles along rows, K = n_in * 9 <= 576), one just past that K (the channel-vectorised kernel), and a
+# 48 x 64 map whose column blocks end inside a row
+PIXEL_ROW_CASES = {
+    "w32_pad1": (20, 16, 24, 9, 32, 1, 1, 1, True, None),
+    "w16_pad0": (12, 10, 20, 7, 18, 1, 0, 1, False, None),
+    "w16_dil2": (12, 10, 20, 8, 16, 1, 2, 2, True, None),
+    "stride_2x1": (12, 10, 20, 11, 32, (2, 1), 1, 1, True, None),
+    "k576": (80, 64, 18, 5, 16, 1, 1, 1, True, 64),
+    "k585": (80, 65, 18, 5, 16, 1, 1, 1, True, 65),
+    "blocks_mid_row": (24, 16, 20, 48, 64, 1, 1, 1, True, 16),
+}
+
+
+@pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
+@pytest.mark.parametrize("case", list(PIXEL_ROW_CASES))
+def test_pixel_row_tiles(backend, sharing, case):
+    """3x3 convs of horizontal stride 1 on rows of a multiple of 16 output pixels: ragged row counts per tile (rows
+    past the group's outputs), several samples and row bands per column block, empty and full rows."""
+    if interpreted(backend):
+        pytest.skip("too large for the interpreter (runs on a GPU)")
+    C_in, Kin, Kout, H, W, stride, padding, dilation, residual, n_in = PIXEL_ROW_CASES[case]
+    B = 2 if case == "blocks_mid_row" else 4
+    check(backend, problem(B, C_in, Kout + 3, Kin, Kout, H, W, 3, sharing, stride, padding, dilation,
+                           residual=residual, seed=H * W + Kin, n_in=n_in, n_out=None if n_in is None else Kout - 1),
+          what=case)
+
+
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
 def test_linear_and_downsample(backend, sharing):
     small = interpreted(backend)
@@ -350,15 +378,17 @@ def with_residual_take(p, k_res, seed, nan_elsewhere=False):
 
 
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("shape", ["3x3", "pointwise", "linear", "no_residual_channels"])
+@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "pointwise", "linear", "no_residual_channels"])
 def test_residual_take_is_the_recompacted_residual(backend, sharing, shape):
     """residual_take (the residual stored for another channel set, re-compacted in the epilogue) gives exactly the
     result of the op on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3,
-    pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
+    pixel tiles along 3x3 rows, pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
     never read (NaN there stays out)."""
     small = interpreted(backend)
     if shape == "3x3":
         p = problem(4, 9, 10, 7, 8, 6, 7, 3, sharing, seed=11)
+    elif shape == "3x3_pixel_rows":  # rows of 16 output pixels: the CPU kernel's pixel tiles along rows
+        p = problem(3, 12, 10, 9, 8, 4 if small else 7, 16, 3, sharing, seed=16)
     elif shape == "pointwise":  # >= 128 output pixels: the CPU kernel's pixel-vectorised path
         p = problem(3, 20, 24, 12, 16, 6 if small else 13, 5 if small else 11, 1, sharing, padding=0, seed=12)
     elif shape == "linear":

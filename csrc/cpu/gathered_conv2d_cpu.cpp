@@ -20,7 +20,10 @@
 //     this gather, from L3, bounds per-sample masks on 2x2 / 4x4 maps); the panel is reused over
 //     every column of the item, i.e. every pixel of every sample of the group, and cached for the
 //     item when it has several column blocks;
-//   * 16x6 register-blocked FMA micro-kernel (AVX2+FMA intrinsics; portable GCC vector fallback);
+//   * 16x12 (AVX-512) / 16x6 (AVX2+FMA) register-blocked FMA micro-kernel, output channels in the lanes
+//     (portable GCC vector fallback); with AVX-512, 1x1 stride-1 convs on 128+ pixels and convs of horizontal
+//     stride 1 on rows of a multiple of 16 pixels with K <= 576 put pixels in the lanes instead (pixel_tile:
+//     vector stores in the epilogue where the channel tile scatters single floats);
 //   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros. With
 //     residual_take the residual is read in place from its own channel set (no re-compacted copy).
 #include <ATen/ATen.h>
@@ -394,24 +397,69 @@ struct ColumnBuffer {
   std::vector<const float*> ptr;
   std::vector<int64_t> base;
   std::vector<int64_t> rbase;  // with residual_take: residual offset of each column (sample * res_K * P + pixel)
+  std::vector<int64_t> left;   // pixel tiles: output pixels from the column to the end of its row
 };
 thread_local ColumnBuffer tl_cols;
 
 #if defined(GENCNP_AVX512)
-// Pointwise layers (1x1 kernel, stride 1, no padding: ResNet's bottleneck convs) with pixels
-// in the vector lanes instead of output channels: per 16-row weight tile and 16 consecutive pixels of one sample,
-// acc[r] (16 pixels of output channel r) += A[k][r] * x[b, ipos[k], p .. p+15], one vector load of B per k. The
-// epilogue then adds bias and residual and applies the ReLU on whole vectors and stores them contiguously, where
-// the channel-vectorised kernel scatters one float at a time (its epilogue cost several times its FMAs at the
-// small reductions of these layers, K = 16..128 valid inputs). Sums run over k in the same order as there.
-// Taken where it wins (paired A/B on the 2-core Zen 4 VM, 1 and 2 threads): 1.3-1.8x on ResNet-50's 56x56 and
-// 28x28 bottleneck convs (K = 16..64), 1.07-1.12x at 14x14 with K = 64; 0.87-0.9x at K = 256 or 7x7 maps (a
-// 16-pixel tile of a 49-pixel map wastes a quarter of its lanes), which keep the channel-vectorised kernel.
+// Pixel-vectorised tiles: pixels in the vector lanes instead of output channels. Per 16-row weight tile and up to
+// 16 output pixels whose windows lie at consecutive addresses of the B source (consecutive pixels of one sample
+// for a 1x1 stride-1 conv; of one output row for any kernel with horizontal stride 1), acc[r] (the pixels of
+// output channel r) += A[k][r] * src[koff[k] .. + 15]: one vector load of B per k. The epilogue then adds bias
+// and residual and applies the ReLU on whole vectors and stores them contiguously, where the channel-vectorised
+// kernel scatters one float at a time: at small reductions (K up to a few hundred) that scatter costs as much as
+// the FMAs. Sums run over k in the same order as in micro_kernel, so both kernels give the same bits.
+inline void pixel_tile(int64_t K, const float* __restrict A, const float* src, const int64_t* __restrict koff,
+                       __mmask16 lanes, float* __restrict Ct) {
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 bv = _mm512_maskz_loadu_ps(lanes, src + koff[k]);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(A[k * MR + r]), bv, acc[r]);
+  }
+  // through memory with constant indices only: indexing acc by the runtime row count of the epilogue would keep
+  // the whole array on the stack, stored after every FMA of the loop above
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
+}
+
+// bias + residual + ReLU of a pixel tile, row r stored at out + obase + opos[r] * P; its residual, if any, at
+// residual + rbase + (residual channel) * P.
+inline void pixel_epilogue(const Problem& pb, int rows, const int64_t* opos, const int64_t* och, int64_t obase,
+                           int64_t rbase, __mmask16 lanes, const float* Ct) {
+  const int64_t P = pb.geo.P;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int r = 0; r < rows; ++r) {
+    __m512 v = _mm512_add_ps(_mm512_load_ps(Ct + r * 16), _mm512_set1_ps(pb.bias ? pb.bias[och[r]] : 0.f));
+    const int64_t rc = pb.residual_channel(opos[r]);
+    if (pb.residual != nullptr && rc >= 0)
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, pb.residual + rbase + rc * P));
+    if (pb.relu) v = _mm512_max_ps(zero, v);  // NaN stays NaN (max returns its second operand for a NaN)
+    _mm512_mask_storeu_ps(pb.out + obase + opos[r] * P, lanes, v);
+  }
+}
+
+// Pointwise layers (1x1 kernel, stride 1, no padding: ResNet's bottleneck convs) read B from x in place, 16
+// consecutive pixels of one sample per tile (a tile may span rows). Taken where it wins (paired A/B on the 2-core
+// Zen 4 VM, 1 and 2 threads): 1.3-1.8x on ResNet-50's 56x56 and 28x28 bottleneck convs (K = 16..64), 1.07-1.12x at
+// 14x14 with K = 64; 0.87-0.9x at K = 256 or 7x7 maps (a 16-pixel tile of a 49-pixel map wastes a quarter of its
+// lanes), which keep the channel-vectorised kernel.
 bool pointwise(const ConvGeom& G, int64_t kv) {
   return G.khw == 1 && G.sh == 1 && G.sw == 1 && !G.padded && G.dh == 1 && G.dw == 1 && kv <= 128 && G.P >= 128;
 }
 
-void run_item_pointwise(const Problem& pb, const WorkItem& it) {
+// Other convs with horizontal stride 1 whose output rows are whole 16-pixel tiles and with a reduction of at most
+// kPixelMaxK: pixel tiles along each output row, B read through the block's padded band copy like the
+// channel-vectorised kernel. Paired A/B of the op (shared mask, widths 16 and 32; median of 9 after a warm-up,
+// twice, 2 threads, Zen 4 VM): 1.13x at K = 144, 1.06x at K = 288, 1.03x at K = 576, 1.0x at K = 1152; VGG-16's
+// first layer at 224x224 (K = 27) 1.4x. Rows of 14, 28 or 56 pixels leave a tile partly empty and lost (0.92-1.02x
+// at K = 144..576), 7x7 and 8x8 maps lost 0.5-0.67x: they keep the channel-vectorised kernel.
+constexpr int64_t kPixelMaxK = 576;
+bool pixel_rows(const ConvGeom& G, int64_t K) { return G.sw == 1 && G.Wo % 16 == 0 && K <= kPixelMaxK; }
+
+__attribute__((noinline)) void run_item_pointwise(const Problem& pb, const WorkItem& it) {
   const ConvGeom& G = pb.geo;
   const GroupInfo& gi = pb.groups[it.g];
   const int64_t K = gi.kv, P = G.P;
@@ -421,7 +469,6 @@ void run_item_pointwise(const Problem& pb, const WorkItem& it) {
   int64_t* koff = tl_koff.get(static_cast<size_t>(std::max<int64_t>(K, 1)));
   const int64_t* ipos = pb.in_pos.data() + gi.in_off;
   for (int64_t k = 0; k < K; ++k) koff[k] = ipos[k] * P;
-  const __m512 zero = _mm512_setzero_ps();
   alignas(64) float Ct[MR * 16];
   // Column blocks whose B rows (K x block x 4 bytes) stay in L2 while every weight tile (K x 16, in L1) streams
   // over them.
@@ -438,32 +485,30 @@ void run_item_pointwise(const Problem& pb, const WorkItem& it) {
         const int n = static_cast<int>(std::min<int64_t>({16, P - p, ce - c}));
         const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
         const int64_t b = pb.samples[gi.start + s];
-        const float* xb = pb.x + b * G.Kin * P + p;
-        const int64_t obase = b * G.Kout * P + p;
-        const float* rb = pb.residual ? pb.residual + b * pb.res_K * P + p : nullptr;
-        __m512 acc[MR];
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) acc[r] = zero;
-        for (int64_t k = 0; k < K; ++k) {
-          const __m512 bv = _mm512_maskz_loadu_ps(lanes, xb + koff[k]);
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(A[k * MR + r]), bv, acc[r]);
-        }
-        // through memory with constant indices only: indexing acc by the runtime row count below would keep the
-        // whole array on the stack, stored after every FMA of the loop above
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t o = obase + opos[r] * P;
-          __m512 v = _mm512_add_ps(_mm512_load_ps(Ct + r * 16), _mm512_set1_ps(pb.bias ? pb.bias[och[r]] : 0.f));
-          const int64_t rc = pb.residual_channel(opos[r]);
-          if (rb != nullptr && rc >= 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, rb + rc * P));
-          if (pb.relu) v = _mm512_max_ps(zero, v);  // NaN stays NaN (max returns its second operand for a NaN)
-          _mm512_mask_storeu_ps(pb.out + o, lanes, v);
-        }
+        pixel_tile(K, A, pb.x + b * G.Kin * P + p, koff, lanes, Ct);
+        pixel_epilogue(pb, rows, opos, och, b * G.Kout * P + p, b * pb.res_K * P + p, lanes, Ct);
         c += n;
       }
     }
+  }
+}
+#endif
+
+#if defined(GENCNP_AVX512)
+// The columns [0, ncol) of a block (windows and offsets in `cols`) as pixel tiles along their output rows. Both
+// pixel paths stay out of line: inlined into run_item (run_item_pointwise was), they changed how GCC compiled its
+// channel-vectorised loop once this path existed (K = 1152 layers, which never take a pixel path, ran 10-20 %
+// slower in paired runs; out of line, as fast as before).
+__attribute__((noinline)) void run_pixel_row_tiles(const Problem& pb, const ColumnBuffer& cols, int64_t ncol,
+                                                   int64_t K, const float* A, const int64_t* koff, int rows,
+                                                   const int64_t* opos, const int64_t* och) {
+  alignas(64) float Ct[MR * 16];
+  for (int64_t i = 0; i < ncol;) {
+    const int n = static_cast<int>(std::min<int64_t>({16, cols.left[i], ncol - i}));
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
+    pixel_tile(K, A, cols.ptr[i], koff, lanes, Ct);
+    pixel_epilogue(pb, rows, opos, och, cols.base[i], pb.res_take ? cols.rbase[i] : cols.base[i], lanes, Ct);
+    i += n;
   }
 }
 #endif
@@ -475,6 +520,11 @@ void run_item(const Problem& pb, const WorkItem& it) {
 #endif
   const GroupInfo& gi = pb.groups[it.g];
   const int64_t K = gi.kv * G.khw;
+#if defined(GENCNP_AVX512)
+  const bool pix = pixel_rows(G, K);
+#else
+  constexpr bool pix = false;
+#endif
   const int64_t tile_floats = K * MR;
   const int64_t ntiles = it.m1 - it.m0;
   const int64_t nblocks = (it.c1 - it.c0 + gi.nc - 1) / gi.nc;
@@ -536,6 +586,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
     }
     // sized on its own: the thread's buffers outlive the call, and calls without residual_take leave rbase short
     if (pb.res_take && static_cast<int64_t>(cols.rbase.size()) < ncol) cols.rbase.resize(ncol);
+    if (pix && static_cast<int64_t>(cols.left.size()) < ncol) cols.left.resize(ncol);
     {
       // walk (sample, oy, ox) incrementally: no divisions per column
       int64_t s = s0, p = cb - s0 * G.P;
@@ -547,6 +598,7 @@ void run_item(const Problem& pb, const WorkItem& it) {
         cols.ptr[i] = sb + oy * G.sh * rowlen + ox * G.sw;
         cols.base[i] = b * G.Kout * G.P + p;
         if (pb.res_take) cols.rbase[i] = b * pb.res_K * G.P + p;
+        if (pix) cols.left[i] = G.Wo - ox;
         ++p;
         if (++ox == G.Wo) {
           ox = 0;
@@ -580,6 +632,12 @@ void run_item(const Problem& pb, const WorkItem& it) {
         rroff[r] = rc >= 0 ? rc * G.P : -1;
         bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
       }
+#if defined(GENCNP_AVX512)
+      if (pix) {
+        run_pixel_row_tiles(pb, cols, ce - cb, K, A, koff, rows, opos, och);
+        continue;
+      }
+#endif
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
