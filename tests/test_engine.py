@@ -348,28 +348,61 @@ def test_view_flatten_and_method_relu(backend):
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), g.reference_pathway_forward(model, path, x)) <= 1e-4
 
 
+@pytest.fixture(params=["torch_conv", "compiled_op"])
+def full_layer_kernel(request, monkeypatch):
+    """Which kernel runs the layers with nothing pruned: torch's dense conv, or (on the CPU, for tiny work) the
+    compiled op with every channel listed (interpreter.DENSE_OP_MAX_MACS). Yields a list that counts the layers the
+    compiled op ran."""
+    from gencnp_fast.plan import interpreter
+
+    monkeypatch.setattr(interpreter, "DENSE_OP_MAX_MACS", 0 if request.param == "torch_conv" else 10 ** 12)
+    ran = []
+    real = interpreter._dense_on_op
+
+    def spy(st, x, conv):
+        taken = real(st, x, conv)
+        if taken:
+            ran.append(st.name)
+        return taken
+
+    monkeypatch.setattr(interpreter, "_dense_on_op", spy)
+    yield request.param, ran
+    if request.param == "torch_conv":
+        assert not ran
+
+
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet_basic", "resnet_bottleneck", "handwritten"])
-def test_full_layers_beside_pruned_ones(backend, name):
-    """Every unit kept whole but one: the plan's dense-conv branch (BN folded) next to gathered convs."""
+def test_full_layers_beside_pruned_ones(backend, name, batch, full_layer_kernel):
+    """Every unit kept whole but one: the plan's dense-conv branch (BN folded; torch's conv or the compiled CPU op)
+    next to gathered convs."""
     if INTERPRET:
         pytest.skip(interpreter_too_slow)
     dev = backend_device(backend)
     model, shape = make(name, 7, device=dev)
-    x = torch.randn((3,) + shape).to(dev)
+    x = torch.randn((batch,) + shape).to(dev)
     units = g.pathway_units(model, x)
-    path = dict(g.Pathway.full(units, 3).to(dev))
-    path[units[len(units) // 2].name] = g.Pathway.random(units, 0.5, 3, device=dev)[units[len(units) // 2].name]
+    path = dict(g.Pathway.full(units, batch).to(dev))
+    mid = units[len(units) // 2].name
+    path[mid] = g.Pathway.random(units, 0.5, batch, device=dev)[mid]
     ref = g.reference_pathway_forward(model, path, x)
     assert rel_err(g.fast_pathway_forward(model, path, x, backend=backend), ref) <= 1e-4
+    kernel, ran = full_layer_kernel
+    if kernel == "compiled_op" and backend == "cpu":
+        assert ran, "no full layer ran on the compiled op"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_dense_capture_matches_hooked_capture(name):
-    """The plan's dense forward gives every unit's output as the hooked forward does."""
+def test_dense_capture_matches_hooked_capture(name, full_layer_kernel):
+    """The plan's dense forward gives every unit's output as the hooked forward does, whichever kernel runs its
+    layers."""
     model, shape = make(name, 11)
     x = torch.randn((3,) + shape)
     ref_logits, ref_feats = g.capture_units(model, x)
     logits, feats = dense_capture(model, x)
+    kernel, ran = full_layer_kernel
+    if kernel == "compiled_op":
+        assert ran, "no layer ran on the compiled op"
     assert rel_err(logits, ref_logits) <= 1e-4
     assert list(feats) == list(ref_feats)
     for n in feats:

@@ -23,6 +23,14 @@ __all__ = ["run_plan", "ConvFn", "small_map_weights"]
 # paired with the reference on the 2-core VM: batch 1 2.49 ms with taps vs 2.89 ms, 16 on par, 64 23.0 vs 20.5 ms)
 SMALL_MAP_MIN_BATCH = 16
 
+# A layer with nothing pruned runs as torch's dense conv, except on the CPU where its whole work (batch x
+# multiply-adds of one sample) is at most this: there torch's conv2d costs more in its fixed per-call work than the
+# compiled op (3x3 convs at batch 1, paired medians on the 2-core Zen 4 VM: 32->64 on 14x14 (3.6 M) 93 vs 52 us,
+# 64->128 on 7x7 (3.6 M) 87 vs 64 us, 128->128 on 7x7 (7.2 M) 159 vs 117 us; from ~15 M on torch wins: 128->128 on
+# 16x16 (38 M) 0.87x, batch 4 of 64->128 on 7x7 (14 M) 0.85x). Explaining one image (dense capture) and pathways
+# that keep some layers whole at batch 1 take this path.
+DENSE_OP_MAX_MACS = 8_000_000
+
 # A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
 # problems, max_group, check_indices, residual_take) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d;
 # the interpreter passes check_indices=False: the run index planner builds valid indices)
@@ -54,6 +62,19 @@ def small_map_weights(st: ConvStep) -> Tuple[torch.Tensor, Optional[torch.Tensor
     return st.small_map
 
 
+def _dense_on_op(st: ConvStep, x: torch.Tensor, conv: Optional[ConvFn]) -> bool:
+    """A layer with nothing pruned runs on the compiled CPU op (:data:`DENSE_OP_MAX_MACS`)."""
+    if conv is None or x.device.type != "cpu" or x.dtype != torch.float32 or conv is not _compiled_op():
+        return False
+    pixels = 1 if st.linear else st.out_shape[1] * st.out_shape[2]
+    return x.shape[0] * st.weight.numel() * pixels <= DENSE_OP_MAX_MACS
+
+
+def _compiled_op() -> Optional[ConvFn]:
+    ops = getattr(torch.ops, "gencnp_fast", None)
+    return getattr(ops, "gathered_conv2d", None) if ops is not None else None
+
+
 def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: RunIndices,
                conv: ConvFn) -> torch.Tensor:
     in_ch, out_ch = ix.sets[st.in_set], ix.sets[st.out_set]
@@ -73,8 +94,14 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
         residual = env[res_slot] if residual_take is not None else apply_remap(env[res_slot], remap)
         if st.linear:
             residual = residual.reshape(b, -1, 1, 1)
+    if dense and _dense_on_op(st, x, conv):
+        groups = ix.conv_groups[(st.in_set, st.out_set)]
+        y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
+                 None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
+                 list(st.dilation), st.relu, groups.problems, groups.max_group, False, None)
+        return y.reshape(b, -1) if st.linear else y
     if dense:
-        # Nothing pruned on either side: the dense conv (BN folded) is the fastest kernel there is.
+        # Nothing pruned on either side: the dense conv (BN folded), torch's kernel for all but the tiniest work.
         y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
         if residual is not None:
             y = y.add_(residual)
