@@ -246,6 +246,33 @@ def test_pixel_row_tiles(backend, sharing, case):
           what=case)
 
 
+# (H, W, k, padding, dilation, residual, relu): maps of Pi input and Po output pixels with 8 <= Pi * Po <= 16 (the CPU
+# kernel's tiny-map path: one Po x Pi matrix of taps per channel pair), some pairs reading no tap
+TINY_MAP_CASES = {
+    "2x2_pad1": (2, 2, 3, 1, 1, True, True),
+    "2x2_pad1_plain": (2, 2, 3, 1, 1, False, False),
+    "2x2_dil2": (2, 2, 3, 2, 2, True, True),
+    "3x1_pad1": (3, 1, 3, 1, 1, True, True),
+    "4x1_pad1": (4, 1, 3, 1, 1, False, True),
+    "1x4_pad1": (1, 4, 3, 1, 1, True, False),
+}
+
+
+@pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
+@pytest.mark.parametrize("case", list(TINY_MAP_CASES))
+def test_tiny_maps(backend, sharing, case):
+    """Convs on maps of 2 to 16 pixels (groups of 1 to 9 samples, empty and full rows)."""
+    H, W, k, padding, dilation, residual, relu = TINY_MAP_CASES[case]
+    B = 4 if interpreted(backend) else 9
+    p = problem(B, 40, 36, 24, 20, H, W, k, sharing, 1, padding, dilation, relu=relu, residual=residual,
+                seed=H * 10 + W + k)
+    check(backend, p, what=case)
+    # a NaN pixel reaches only the outputs whose taps read it (with dilation 2 on 2x2 each output reads one pixel)
+    p["x"][:, :, 0, 0] = float("nan")
+    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
+    assert torch.equal(got.isnan(), ref.isnan()), case
+
+
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
 def test_linear_and_downsample(backend, sharing):
     small = interpreted(backend)
@@ -378,17 +405,20 @@ def with_residual_take(p, k_res, seed, nan_elsewhere=False):
 
 
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "pointwise", "linear", "no_residual_channels"])
+@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "pointwise", "linear",
+                                   "no_residual_channels"])
 def test_residual_take_is_the_recompacted_residual(backend, sharing, shape):
     """residual_take (the residual stored for another channel set, re-compacted in the epilogue) gives exactly the
     result of the op on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3,
-    pixel tiles along 3x3 rows, pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
+    pixel tiles along 3x3 rows, tiny maps, pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
     never read (NaN there stays out)."""
     small = interpreted(backend)
     if shape == "3x3":
         p = problem(4, 9, 10, 7, 8, 6, 7, 3, sharing, seed=11)
     elif shape == "3x3_pixel_rows":  # rows of 16 output pixels: the CPU kernel's pixel tiles along rows
         p = problem(3, 12, 10, 9, 8, 4 if small else 7, 16, 3, sharing, seed=16)
+    elif shape == "3x3_tiny_map":  # 2 x 2 maps: the CPU kernel's tiny-map path
+        p = problem(5, 12, 10, 9, 8, 2, 2, 3, sharing, seed=17)
     elif shape == "pointwise":  # >= 128 output pixels: the CPU kernel's pixel-vectorised path
         p = problem(3, 20, 24, 12, 16, 6 if small else 13, 5 if small else 11, 1, sharing, padding=0, seed=12)
     elif shape == "linear":
