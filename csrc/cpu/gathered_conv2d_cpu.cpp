@@ -333,6 +333,18 @@ void pad_band(const Problem& pb, const GroupInfo& gi, int64_t s, int64_t y0, int
     float* d = dst + jv * plane;
     for (int64_t y = y0; y < y1; ++y, d += G.Wp) {
       const int64_t iy = y - G.ph;
+#if defined(GENCNP_AVX512)
+      // 16 columns at a time, masked (no library call per row: the rows of 7x7 / 14x14 maps are a few floats, and
+      // a call per row cost a quarter of a 7x7 layer's time); lanes outside the input row are zeros
+      const float* row = (iy < 0 || iy >= G.H) ? nullptr : src + iy * G.W;
+      for (int64_t c0 = 0; c0 < G.Wp; c0 += 16) {
+        const int64_t n = std::min<int64_t>(16, G.Wp - c0);
+        const int64_t lo = std::clamp<int64_t>(G.pw - c0, 0, n), hi = std::clamp<int64_t>(G.pw + G.W - c0, 0, n);
+        const __mmask16 in = row == nullptr ? 0 : static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+        const __m512 v = _mm512_maskz_loadu_ps(in, (row != nullptr ? row : src) + (c0 - G.pw));
+        _mm512_mask_storeu_ps(d + c0, static_cast<__mmask16>((1u << n) - 1u), v);
+      }
+#else
       if (iy < 0 || iy >= G.H) {
         std::memset(d, 0, sizeof(float) * G.Wp);
         continue;
@@ -340,6 +352,7 @@ void pad_band(const Problem& pb, const GroupInfo& gi, int64_t s, int64_t y0, int
       for (int64_t t = 0; t < G.pw; ++t) d[t] = 0.f;
       std::memcpy(d + G.pw, src + iy * G.W, sizeof(float) * G.W);
       for (int64_t t = G.pw + G.W; t < G.Wp; ++t) d[t] = 0.f;
+#endif
     }
   }
 }
