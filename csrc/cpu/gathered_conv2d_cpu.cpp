@@ -17,7 +17,7 @@
 //     per-k offset table (koff), from x itself (padding 0) or from a zero-padded copy of the
 //     valid channels of the block's samples (thread-local buffer, reused across calls);
 //   * A: per 16-row tile, weights are gathered into a [K][16] panel (8x8 register transposes;
-//     this gather, from L3, bounds per-sample masks on 2x2 / 4x4 maps); the panel is reused over
+//     this gather, from L3, bounds per-sample masks on 4x4 maps); the panel is reused over
 //     every column of the item, i.e. every pixel of every sample of the group, and cached for the
 //     item when it has several column blocks;
 //   * 16x12 (AVX-512) / 16x6 (AVX2+FMA) register-blocked FMA micro-kernel, output channels in the lanes
