@@ -94,14 +94,9 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
         residual = env[res_slot] if residual_take is not None else apply_remap(env[res_slot], remap)
         if st.linear:
             residual = residual.reshape(b, -1, 1, 1)
-    if dense and _dense_on_op(st, x, conv):
-        groups = ix.conv_groups[(st.in_set, st.out_set)]
-        y = conv(x.contiguous(), in_ch.idx, st.weight, st.bias, out_ch.idx, groups.sample_group,
-                 None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
-                 list(st.dilation), st.relu, groups.problems, groups.max_group, False, None)
-        return y.reshape(b, -1) if st.linear else y
-    if dense:
-        # Nothing pruned on either side: the dense conv (BN folded), torch's kernel for all but the tiniest work.
+    if dense and not _dense_on_op(st, x, conv):
+        # Nothing pruned on either side: the dense conv (BN folded), torch's kernel for all but the tiniest work
+        # (those take the gathered call below with every channel listed).
         y = F.conv2d(x, st.weight, st.bias, st.stride, st.padding, st.dilation)
         if residual is not None:
             y = y.add_(residual)
@@ -122,7 +117,7 @@ def _conv_step(st: ConvStep, x: torch.Tensor, env: Dict[str, torch.Tensor], ix: 
                  ix.sets[FlatFeatures(st.out_set, ho * wo)].idx, groups.sample_group, res2, [1, 1], [0, 0], [1, 1],
                  st.relu, groups.problems, groups.max_group, False)
         return y.reshape(b, -1, ho, wo)
-    packed = packed_conv(st, ix, in_ch, out_ch)
+    packed = None if dense else packed_conv(st, ix, in_ch, out_ch)
     weight, bias, in_idx, out_idx = packed if packed is not None else (st.weight, st.bias, in_ch.idx, out_ch.idx)
     y = conv(x.contiguous(), in_idx, weight, bias, out_idx, groups.sample_group,
              None if residual is None else residual.contiguous(), list(st.stride), list(st.padding),
