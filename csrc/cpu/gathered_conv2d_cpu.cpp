@@ -98,6 +98,20 @@ struct IndexBuffer {
   }
 };
 
+// fn(i) for every i in [0, n), on up to nthreads threads each taking the next i as it finishes one (dynamic load
+// balance: items differ in size); on the calling thread alone with one thread or one item.
+template <typename F>
+void for_each_dynamic(int64_t n, int nthreads, const F& fn) {
+  if (nthreads == 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nthreads, n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
 thread_local ScratchBuffer tl_a_buf;
 thread_local IndexBuffer tl_koff;
 thread_local ScratchBuffer tl_b_buf;
@@ -336,12 +350,13 @@ void pad_band(const Problem& pb, const GroupInfo& gi, int64_t s, int64_t y0, int
 #if defined(GENCNP_AVX512)
       // 16 columns at a time, masked (no library call per row: the rows of 7x7 / 14x14 maps are a few floats, and
       // a call per row cost a quarter of a 7x7 layer's time); lanes outside the input row are zeros
-      const float* row = (iy < 0 || iy >= G.H) ? nullptr : src + iy * G.W;
+      const bool inside = iy >= 0 && iy < G.H;
+      const float* row = src + (inside ? iy : 0) * G.W;  // not read outside the input rows (mask 0)
       for (int64_t c0 = 0; c0 < G.Wp; c0 += 16) {
         const int64_t n = std::min<int64_t>(16, G.Wp - c0);
         const int64_t lo = std::clamp<int64_t>(G.pw - c0, 0, n), hi = std::clamp<int64_t>(G.pw + G.W - c0, 0, n);
-        const __mmask16 in = row == nullptr ? 0 : static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-        const __m512 v = _mm512_maskz_loadu_ps(in, (row != nullptr ? row : src) + (c0 - G.pw));
+        const __mmask16 in = inside ? static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)) : 0;
+        const __m512 v = _mm512_maskz_loadu_ps(in, row + (c0 - G.pw));
         _mm512_mask_storeu_ps(d + c0, static_cast<__mmask16>((1u << n) - 1u), v);
       }
 #else
@@ -641,18 +656,18 @@ void run_item(const Problem& pb, const WorkItem& it) {
       const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
       const int64_t* opos = pb.out_pos.data() + gi.out_off + mt * MR;
       const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
+#if defined(GENCNP_AVX512)
+      if (pix) {  // its epilogue reads bias and residual channel per row itself
+        run_pixel_row_tiles(pb, cols, ce - cb, K, A, koff, rows, opos, och);
+        continue;
+      }
+#endif
       for (int r = 0; r < rows; ++r) {
         roff[r] = opos[r] * G.P;
         const int64_t rc = pb.residual_channel(opos[r]);
         rroff[r] = rc >= 0 ? rc * G.P : -1;
         bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
       }
-#if defined(GENCNP_AVX512)
-      if (pix) {
-        run_pixel_row_tiles(pb, cols, ce - cb, K, A, koff, rows, opos, och);
-        continue;
-      }
-#endif
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
@@ -888,17 +903,10 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
       }
     }
   };
-  std::atomic<int64_t> next{0};
-  constexpr int64_t chunk = 8;
-  auto worker = [&](int64_t, int64_t) {
-    for (int64_t o0 = next.fetch_add(chunk); o0 < G.Cout; o0 = next.fetch_add(chunk))
-      for (int64_t o = o0; o < std::min(o0 + chunk, G.Cout); ++o) run_channel(o);
-  };
-  if (nthreads == 1) {
-    worker(0, 1);
-  } else {
-    at::parallel_for(0, nthreads, 1, worker);
-  }
+  constexpr int64_t chunk = 8;  // output channels per item
+  for_each_dynamic((G.Cout + chunk - 1) / chunk, nthreads, [&](int64_t c) {
+    for (int64_t o = c * chunk; o < std::min((c + 1) * chunk, G.Cout); ++o) run_channel(o);
+  });
 }
 #endif
 
@@ -977,16 +985,7 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
   }
 #endif
   const std::vector<WorkItem> items = work_items(pb, nthreads);
-  const int64_t nitems = static_cast<int64_t>(items.size());
-  if (nitems == 0) return out;
-  if (nthreads == 1 || nitems == 1) {
-    for (const auto& it : items) run_item(pb, it);
-  } else {
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(nthreads, nitems), 1, [&](int64_t, int64_t) {
-      for (int64_t i = next.fetch_add(1); i < nitems; i = next.fetch_add(1)) run_item(pb, items[i]);
-    });
-  }
+  for_each_dynamic(static_cast<int64_t>(items.size()), nthreads, [&](int64_t i) { run_item(pb, items[i]); });
   return out;
 }
 
