@@ -205,6 +205,49 @@ def test_step_seconds_times_every_step_without_changing_the_result():
     assert all(len(v) == 2 and min(v) >= 0.0 for v in times.values())
 
 
+@pytest.mark.parametrize("name", ["resnet_basic", "vgg"])
+def test_values_are_dropped_after_their_last_read(name, monkeypatch):
+    """A run holds only live values: when a conv step starts, the output of every earlier conv step whose slot no
+    step from here on reads (and that no pooling / dropout / flatten step passed on) is gone (weak references),
+    while a residual stays alive until the conv that adds it. With ``env_out`` every value is kept for the caller;
+    both runs give the same logits."""
+    import weakref
+
+    from gencnp_fast.plan import interpreter
+    from gencnp_fast.plan.steps import ConvStep, reads
+
+    model, x, masks, plan = _setup(name, 3, "per_sample", seed=5)
+    last_read, passed_on = {}, set()
+    for i, st in enumerate(plan.steps):
+        for slot in reads(st):
+            last_read[slot] = i
+        if not isinstance(st, ConvStep):
+            passed_on.add(st.src)  # its output may be the same tensor or a view of it
+    outputs, stale, checked = [], [], []
+    real = interpreter._conv_step
+
+    def spy(st, src, env, ix, conv):
+        here = plan.steps.index(st)
+        for dst, ref in outputs:
+            dead = last_read.get(dst, len(plan.steps)) < here and dst not in passed_on
+            if dead:
+                checked.append(dst)
+                if ref() is not None:
+                    stale.append((dst, st.name))
+        y = real(st, src, env, ix, conv)
+        outputs.append((st.dst, weakref.ref(y)))
+        return y
+
+    monkeypatch.setattr(interpreter, "_conv_step", spy)
+    with torch.no_grad():
+        plain = run_plan(plan, plan_run(plan, masks, 3, x.device), x, conv_backend("cpu"))
+        assert checked and not stale, stale
+        env = {}
+        kept = run_plan(plan, plan_run(plan, masks, 3, x.device), x, conv_backend("cpu"), env_out=env)
+    assert torch.equal(plain, kept)
+    assert {st.dst for st in plan.steps} <= set(env)
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("sharing", ["per_sample", "mixed"])
 def test_indices_sent_to_the_gpu(sharing):

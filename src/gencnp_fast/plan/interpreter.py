@@ -154,6 +154,9 @@ def run_plan(plan: Plan, indices: RunIndices, x: torch.Tensor, conv: Optional[Co
                 sync()
             step_seconds.setdefault(i, []).append(time.perf_counter() - t0)
         env[st.dst] = y
+        if env_out is None:  # with env_out every value is the caller's
+            for slot in plan.releases[i]:
+                del env[slot]
     if env_out is not None:
         env_out.update(env)
     return env[plan.output_slot]

@@ -92,3 +92,30 @@ class Plan:
     unit_slots: Dict[str, str] = dataclasses.field(default_factory=dict)  # unit name -> value slot of its output
     run_program: object = None  # indices.RunRequests: what a run needs planned (built on first use)
     last_run: object = None  # indices.plan_run: the masks of the previous run and its indices
+    # releases[i]: the slots no step after i reads (never the output), dropped by a run once step i is done
+    releases: List[Tuple[str, ...]] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.releases = last_reads(self.steps, keep=self.output_slot)
+
+
+def reads(st: Step) -> Tuple[str, ...]:
+    """The value slots step ``st`` reads: its input, and the residual or the added value if it has one."""
+    extra = st.residual if isinstance(st, ConvStep) else st.add if isinstance(st, RemapStep) else None
+    return (st.src,) if extra is None else (st.src, extra[0])
+
+
+def last_reads(steps: List[Step], keep: str) -> List[Tuple[str, ...]]:
+    """Per step, the slots it is the last to read (``keep`` excepted). A run that drops them there holds only live
+    values, so torch's allocator hands each new output memory a dropped value just left warm in the cache, as the
+    model's own forward does: keeping every value alive made each output land in memory not touched for a whole
+    forward (ResNet-50 224² batch 8, shared mask, paired per-step rounds: 35.8 → 33.3 ms)."""
+    last: Dict[str, int] = {}
+    for i, st in enumerate(steps):
+        for slot in reads(st):
+            last[slot] = i
+    out: List[List[str]] = [[] for _ in steps]
+    for slot, i in last.items():
+        if slot != keep:
+            out[i].append(slot)
+    return [tuple(r) for r in out]
