@@ -73,7 +73,7 @@ def _swap_arms(name: str, old) -> Arms:
 
 
 def residual_arms(model: nn.Module, plan) -> Arms:
-    return _swap_arms("residual_take_row", lambda remap: None)
+    return _swap_arms("fused_residual_take", lambda remap: None)
 
 
 def packed_arms(model: nn.Module, plan) -> Arms:

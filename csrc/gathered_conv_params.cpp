@@ -222,26 +222,30 @@ GatheredConvParams gathered_conv_params(const at::Tensor& x, const at::Tensor& i
   }
   if (has_take) {
     TORCH_CHECK(p.residual.defined(), kOp, "residual_take is given without a residual");
-    check_tensor(*residual_take, "residual_take", dev, 1);
+    TORCH_CHECK(residual_take->device() == dev, kOp, "residual_take is on ", residual_take->device(), ", x is on ",
+                dev);
     TORCH_CHECK(residual_take->scalar_type() == at::kLong, kOp, "residual_take must be int64, got ",
                 residual_take->scalar_type());
-    TORCH_CHECK(residual_take->size(0) == p.Kout, kOp, "residual_take must be [Kout] = [", p.Kout, "], got ",
+    const bool per_sample = residual_take->dim() == 2;
+    TORCH_CHECK((residual_take->dim() == 1 && residual_take->size(0) == p.Kout) ||
+                    (per_sample && residual_take->size(0) == p.B && residual_take->size(1) == p.Kout),
+                kOp, "residual_take must be [Kout] = [", p.Kout, "] or [B, Kout] = [", p.B, ", ", p.Kout, "], got ",
                 residual_take->sizes());
     p.residual_take = residual_take->contiguous();
     const int64_t Kres = p.residual.size(1);
     if (check_indices && dev.is_cpu()) {
       const int64_t* t = p.residual_take.data_ptr<int64_t>();
-      for (int64_t j = 0; j < p.Kout; ++j) {
-        TORCH_CHECK(t[j] >= -1 && t[j] < Kres, kOp, "residual_take[", j, "] = ", t[j], " is out of range [-1, ",
-                    Kres, ")");
+      for (int64_t j = 0; j < p.residual_take.numel(); ++j) {
+        TORCH_CHECK(t[j] >= -1 && t[j] < Kres, kOp, "residual_take holds ", t[j], " (flat entry ", j,
+                    "), out of range [-1, ", Kres, ")");
       }
-    } else if (check_indices && p.Kout > 0) {
+    } else if (check_indices && p.residual_take.numel() > 0) {
       at::_assert_async(p.residual_take.ge(-1).logical_and(p.residual_take.lt(Kres)).all(),
                         "gathered_conv2d: residual_take has a value out of range [-1, Kres)");
     }
     if (!fuse_residual_take) {  // re-compact here (gather_channels): [B, Kout, Ho, Wo], zeros where it is -1
-      const at::Tensor row = p.residual_take.unsqueeze(0);
-      p.residual = gather_channels_aten(p.residual, row.clamp_min(0), row.ge(0).to(at::kByte));
+      const at::Tensor rows = per_sample ? p.residual_take : p.residual_take.unsqueeze(0);
+      p.residual = gather_channels_aten(p.residual, rows.clamp_min(0), rows.ge(0).to(at::kByte));
       p.residual_take = at::Tensor();
     }
   }

@@ -19,7 +19,8 @@ struct GatheredConvParams {
   at::Tensor out_idx;       // int32 [B, Kout]
   at::Tensor sample_group;  // int32 [B]
   at::Tensor residual;      // [B, Kout, Ho, Wo], or [B, Kres, Ho, Wo] with residual_take
-  at::Tensor residual_take;  // int64 [Kout]: residual channel of each output position, -1: none (undefined: j)
+  at::Tensor residual_take;  // int64 [Kout] or [B, Kout]: residual channel of each output position, -1: none
+                            // (undefined: the position itself)
   at::Tensor problems;      // int32 [B + 2G]: samples sorted by group, group starts, group sizes
   int64_t B = 0, Kin = 0, H = 0, W = 0;
   int64_t Cout = 0, Cin = 0, kh = 0, kw = 0;

@@ -22,10 +22,11 @@ TORCH_LIBRARY(gencnp_fast, m) {
   // check_indices: check the index values (in_idx, out_idx, problems) before any is used: on the host for CPU
   // tensors, with device-side asserts (raised at the next synchronisation) for GPU tensors. The engine passes
   // false: its indices come from the run index planner, which builds them valid.
-  // residual_take (optional): int64 [Kout], one row for the whole batch: the residual is then stored for another
-  // channel set, [B, Kres, Ho, Wo], and output position j adds residual[b, residual_take[j]], or nothing where
-  // residual_take[j] == -1 (the re-compaction of gather_channels fused into the epilogue: ResNet's identity
-  // shortcuts under one shared mask). The CPU kernel reads it in place; the CUDA kernel re-compacts first.
+  // residual_take (optional): int64 [Kout] (one row for the whole batch) or [B, Kout] (a row per sample): the
+  // residual is then stored for another channel set, [B, Kres, Ho, Wo], and output position j of sample b adds
+  // residual[b, t] with t = residual_take[j] (or residual_take[b, j]), nothing where t == -1: the re-compaction of
+  // gather_channels fused into the epilogue (ResNet's identity shortcuts). The CPU kernel reads it in place; the
+  // CUDA kernel re-compacts first.
   m.def(
       "gathered_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor out_idx, "
       "Tensor sample_group, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, "

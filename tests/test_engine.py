@@ -392,6 +392,45 @@ def test_full_layers_beside_pruned_ones(backend, name, batch, full_layer_kernel)
         assert ran, "no full layer ran on the compiled op"
 
 
+@pytest.mark.parametrize("density", [0.5, 1.0, 0.0])
+@pytest.mark.parametrize("sharing", ["shared", "per_class", "per_sample"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet_bottleneck", "resnet_stem", "handwritten"])
+def test_logits_from_inputs_kept_per_sample(backend, name, batch, sharing, density, monkeypatch):
+    """A linear layer that computes every output from inputs kept per sample or per class runs, on the CPU op, as one
+    call with every input listed on the inputs scattered into zero-filled rows (per group, the op would read the
+    weight once per group); the logits match the reference and are bit-equal to the per-group calls (a sample's
+    logits do not depend on its batch), and the path is taken exactly where its rule says (several input groups
+    whose kept columns add up to the weight's width), never on another backend."""
+    from gencnp_fast.plan import interpreter
+
+    if INTERPRET:
+        pytest.skip(interpreter_too_slow)
+    dev = backend_device(backend)
+    model, shape = make(name, 3, device=dev)
+    x = torch.randn((batch,) + shape, generator=torch.Generator().manual_seed(4)).to(dev)
+    units = g.pathway_units(model, x)
+    path = random_pathway(units, density, batch, sharing, torch.Generator().manual_seed(5), device=dev)
+    taken = []
+    real = interpreter._linear_on_union
+
+    def spy(st, xx, in_ch, out_ch, conv):
+        y = real(st, xx, in_ch, out_ch, conv)
+        if y is not None:
+            taken.append((st.name, in_ch.ngroups, xx.shape[1], st.weight.shape[1]))
+        return y
+
+    monkeypatch.setattr(interpreter, "_linear_on_union", spy)
+    ref = g.reference_pathway_forward(model, path, x)
+    got = g.fast_pathway_forward(model, path, x, backend=backend)
+    assert rel_err(got, ref) <= 1e-4
+    monkeypatch.setattr(interpreter, "_linear_on_union", lambda *args: None)
+    assert torch.equal(got, g.fast_pathway_forward(model, path, x, backend=backend)), "not the per-group op's bits"
+    expect = backend == "cpu" and batch > 1 and sharing != "shared" and density == 0.5
+    assert bool(taken) == expect, taken
+    assert all(groups > 1 and groups * k >= c_in for _, groups, k, c_in in taken), taken
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_dense_capture_matches_hooked_capture(name, full_layer_kernel):
     """The plan's dense forward gives every unit's output as the hooked forward does, whichever kernel runs its

@@ -381,37 +381,43 @@ def test_problem_list_given_or_derived(backend, sharing):
     assert torch.equal(run(backend, p), run(backend, q))
 
 
-def with_residual_take(p, k_res, seed, nan_elsewhere=False):
+def with_residual_take(p, k_res, seed, nan_elsewhere=False, per_sample=False):
     """``p`` with its residual stored for another channel set: ``[B, k_res, Ho, Wo]`` and an int64 ``residual_take``
-    ``[Kout]`` (random distinct channels, about a quarter -1); channels no position takes hold NaN with
-    ``nan_elsewhere``. Returns (that problem, the same problem with the residual re-compacted, without the take)."""
+    ``[Kout]`` (``per_sample``: ``[B, Kout]``, a different row per sample) of random distinct channels, about a
+    quarter -1; channels no position takes hold NaN with ``nan_elsewhere``. Returns (that problem, the same problem
+    with the residual re-compacted, without the take)."""
     from gencnp_fast.kernels.contract import compact_residual
 
     gen = torch.Generator().manual_seed(seed)
     B, kout = p["out_idx"].shape
     ho, wo = p["residual"].shape[2:]  # make_problem draws a residual unless told not to
-    take = torch.full((kout,), -1, dtype=torch.int64)
-    if k_res > 0:
-        chosen = torch.randperm(k_res, generator=gen)[:kout]
-        take[: chosen.numel()] = chosen
-        take[torch.randperm(kout, generator=gen)[: kout // 4]] = -1
+    take = torch.full((B if per_sample else 1, kout), -1, dtype=torch.int64)
+    for row in take:
+        if k_res > 0:
+            chosen = torch.randperm(k_res, generator=gen)[:kout]
+            row[: chosen.numel()] = chosen
+            row[torch.randperm(kout, generator=gen)[: kout // 4]] = -1
     res = torch.randn(B, k_res, ho, wo, generator=gen)
     if nan_elsewhere and k_res > 0:
-        unused = torch.ones(k_res, dtype=torch.bool)
-        unused[take[take >= 0]] = False
-        res[:, unused] = float("nan")
+        for b in range(B):
+            unused = torch.ones(k_res, dtype=torch.bool)
+            unused[take[b if per_sample else 0][take[b if per_sample else 0] >= 0]] = False
+            res[b, unused] = float("nan")
+    take = take if per_sample else take[0]
     fused = dict(p, residual=res, residual_take=take)
     return fused, dict(p, residual=compact_residual(res, take))
 
 
+@pytest.mark.parametrize("take", ["row", "per_sample"])
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
 @pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "pointwise", "linear",
                                    "no_residual_channels"])
-def test_residual_take_is_the_recompacted_residual(backend, sharing, shape):
-    """residual_take (the residual stored for another channel set, re-compacted in the epilogue) gives exactly the
-    result of the op on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3,
-    pixel tiles along 3x3 rows, tiny maps, pixel-vectorised 1x1, linear), also where the residual has no channels; channels that no position takes are
-    never read (NaN there stays out)."""
+def test_residual_take_is_the_recompacted_residual(backend, sharing, shape, take):
+    """residual_take (the residual stored for another channel set, re-compacted in the epilogue; one row for the
+    batch or a row per sample, which differs between the samples of one group) gives exactly the result of the op
+    on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3, pixel tiles along 3x3
+    rows, tiny maps, pixel-vectorised 1x1, linear, whose micro-tiles span samples), also where the residual has no
+    channels; channels that no position takes are never read (NaN there stays out)."""
     small = interpreted(backend)
     if shape == "3x3":
         p = problem(4, 9, 10, 7, 8, 6, 7, 3, sharing, seed=11)
@@ -426,7 +432,7 @@ def test_residual_take_is_the_recompacted_residual(backend, sharing, shape):
     else:
         p = problem(3, 8, 6, 5, 4, 5, 5, 3, sharing, seed=14)
     k_res = 0 if shape == "no_residual_channels" else p["out_idx"].shape[1] + 5
-    fused, plain = with_residual_take(p, k_res, seed=15, nan_elsewhere=True)
+    fused, plain = with_residual_take(p, k_res, seed=15, nan_elsewhere=True, per_sample=take == "per_sample")
     out = check(backend, plain, what="re-compacted residual")
     got = run(backend, fused)
     assert torch.equal(got, out), "residual_take must give the re-compacted residual's result exactly"
@@ -516,7 +522,16 @@ BAD_INPUTS = {
         p["out_idx"].shape[1], dtype=torch.int64, device=p["x"].device)), r"residual_take is given without", None),
     "residual_take_range": (lambda p, b: p.update(residual_take=torch.full((p["out_idx"].shape[1],), 7,
                                                                          dtype=torch.int64, device=p["x"].device)),
-                            r"residual_take(\[0\] = 7 is| value is) out of range", ("cpu", "torch", "triton")),
+                            r"residual_take( holds 7 \(flat entry 0\),| value is) out of range",
+                            ("cpu", "torch", "triton")),
+    "residual_take_rows_range": (lambda p, b: p.update(residual_take=torch.tensor(
+        [[0] * p["out_idx"].shape[1], [-2] + [0] * (p["out_idx"].shape[1] - 1)], dtype=torch.int64,
+        device=p["x"].device)), r"residual_take( holds -2 \(flat entry \d+\),| value is) out of range",
+        ("cpu", "torch", "triton")),
+    "residual_take_rows_batch": (lambda p, b: p.update(residual_take=torch.zeros(3, p["out_idx"].shape[1],
+                                                                               dtype=torch.int64,
+                                                                               device=p["x"].device)),
+                                 r"residual_take must be \[Kout\] = \[\d+\] or \[B, Kout\]", None),
     # a problem list that names one sample twice and leaves the other out (one group of both): the left-out
     # sample's output would never be written (the Triton launcher once computed garbage there)
     "problems_sample_twice": (lambda p, b: p.update(sample_group=p["sample_group"].new_zeros(2), **_same_rows(p))

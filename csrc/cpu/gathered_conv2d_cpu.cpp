@@ -243,6 +243,7 @@ struct Problem {
   const float* bias;      // may be null
   const float* residual;  // may be null
   const int64_t* res_take;  // residual channel of each output position (-1: none), or null: the position itself
+  int64_t take_stride = 0;  // between the res_take rows of consecutive samples: 0 (one row) or Kout (a row each)
   int64_t res_K = 0;        // channels of the residual per sample (Kres with res_take, else Kout)
   float* out;
   bool relu;
@@ -250,8 +251,12 @@ struct Problem {
   std::vector<GroupInfo> groups;
   std::vector<int64_t> in_pos, in_ch, out_pos, out_ch;
 
-  // The residual channel that output position `pos` adds (-1: none).
-  int64_t residual_channel(int64_t pos) const { return res_take ? res_take[pos] : pos; }
+  // The residual channel that output position `pos` of sample b adds (-1: none).
+  int64_t residual_channel(int64_t b, int64_t pos) const {
+    return res_take ? res_take[b * take_stride + pos] : pos;
+  }
+  // The sample of an output offset (sample * Kout * P + pixel).
+  int64_t sample_of(int64_t out_offset) const { return out_offset / (geo.Kout * geo.P); }
 };
 
 // Gather weights of tile `mt` of group g into dst [K][16] (rows past mv are zero).
@@ -457,13 +462,13 @@ inline void pixel_tile(int64_t K, const float* __restrict A, const float* src, c
 
 // bias + residual + ReLU of a pixel tile, row r stored at out + obase + opos[r] * P; its residual, if any, at
 // residual + rbase + (residual channel) * P.
-inline void pixel_epilogue(const Problem& pb, int rows, const int64_t* opos, const int64_t* och, int64_t obase,
-                           int64_t rbase, __mmask16 lanes, const float* Ct) {
+inline void pixel_epilogue(const Problem& pb, int rows, const int64_t* opos, const int64_t* och, int64_t b,
+                           int64_t obase, int64_t rbase, __mmask16 lanes, const float* Ct) {
   const int64_t P = pb.geo.P;
   const __m512 zero = _mm512_setzero_ps();
   for (int r = 0; r < rows; ++r) {
     __m512 v = _mm512_add_ps(_mm512_load_ps(Ct + r * 16), _mm512_set1_ps(pb.bias ? pb.bias[och[r]] : 0.f));
-    const int64_t rc = pb.residual_channel(opos[r]);
+    const int64_t rc = pb.residual_channel(b, opos[r]);
     if (pb.residual != nullptr && rc >= 0)
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, pb.residual + rbase + rc * P));
     if (pb.relu) v = _mm512_max_ps(zero, v);  // NaN stays NaN (max returns its second operand for a NaN)
@@ -516,7 +521,7 @@ __attribute__((noinline)) void run_item_pointwise(const Problem& pb, const WorkI
         const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
         const int64_t b = pb.samples[gi.start + s];
         pixel_tile(K, A, pb.x + b * G.Kin * P + p, koff, lanes, Ct);
-        pixel_epilogue(pb, rows, opos, och, b * G.Kout * P + p, b * pb.res_K * P + p, lanes, Ct);
+        pixel_epilogue(pb, rows, opos, och, b, b * G.Kout * P + p, b * pb.res_K * P + p, lanes, Ct);
         c += n;
       }
     }
@@ -537,7 +542,8 @@ __attribute__((noinline)) void run_pixel_row_tiles(const Problem& pb, const Colu
     const int n = static_cast<int>(std::min<int64_t>({16, cols.left[i], ncol - i}));
     const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
     pixel_tile(K, A, cols.ptr[i], koff, lanes, Ct);
-    pixel_epilogue(pb, rows, opos, och, cols.base[i], pb.res_take ? cols.rbase[i] : cols.base[i], lanes, Ct);
+    const int64_t b = pb.take_stride ? pb.sample_of(cols.base[i]) : 0;  // only a per-sample take reads it
+    pixel_epilogue(pb, rows, opos, och, b, cols.base[i], pb.res_take ? cols.rbase[i] : cols.base[i], lanes, Ct);
     i += n;
   }
 }
@@ -662,19 +668,39 @@ void run_item(const Problem& pb, const WorkItem& it) {
         continue;
       }
 #endif
+      // the residual row offsets of sample b (any b when they do not depend on the sample)
+      auto set_rroff = [&](int64_t b) {
+        for (int r = 0; r < rows; ++r) {
+          const int64_t rc = pb.residual_channel(b, opos[r]);
+          rroff[r] = rc >= 0 ? rc * G.P : -1;
+        }
+      };
       for (int r = 0; r < rows; ++r) {
         roff[r] = opos[r] * G.P;
-        const int64_t rc = pb.residual_channel(opos[r]);
-        rroff[r] = rc >= 0 ? rc * G.P : -1;
         bvals[r] = pb.bias ? pb.bias[och[r]] : 0.f;
       }
+      set_rroff(0);
+      int64_t rroff_b = 0;
       for (int64_t q = 0; q < npanel; ++q) {
         const int64_t c = cb + q * NR;
         const int nr = static_cast<int>(std::min<int64_t>(NR, ce - c));
         run_micro_kernel(nr, K, A, cols.ptr.data() + q * NR, koff, Ct);
         // without residual_take the residual sits at out's offsets (res_K == Kout)
         const int64_t* rbase = (pb.res_take ? cols.rbase.data() : cols.base.data()) + q * NR;
-        epi(pb.out, pb.residual, cols.base.data() + q * NR, rbase, nr, rows, roff, rroff, bvals, Ct);
+        const int64_t* obase = cols.base.data() + q * NR;
+        if (!pb.take_stride || pb.residual == nullptr) {
+          epi(pb.out, pb.residual, obase, rbase, nr, rows, roff, rroff, bvals, Ct);
+          continue;
+        }
+        // a residual_take row per sample: the tile's columns in runs of one sample each
+        for (int n0 = 0; n0 < nr;) {
+          const int64_t b = pb.sample_of(obase[n0]);
+          int n1 = n0 + 1;
+          while (n1 < nr && pb.sample_of(obase[n1]) == b) ++n1;
+          if (b != rroff_b) set_rroff(rroff_b = b);
+          epi(pb.out, pb.residual, obase + n0, rbase + n0, n1 - n0, rows, roff, rroff, bvals, Ct + n0 * MR);
+          n0 = n1;
+        }
       }
     }
   }
@@ -697,6 +723,7 @@ Problem describe(const GatheredConvParams& p, at::Tensor& out) {
   pb.bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
   pb.residual = p.residual.defined() ? p.residual.data_ptr<float>() : nullptr;
   pb.res_take = p.residual_take.defined() ? p.residual_take.data_ptr<int64_t>() : nullptr;
+  pb.take_stride = p.residual_take.defined() && p.residual_take.dim() == 2 ? p.Kout : 0;
   pb.res_K = p.residual.defined() ? p.residual.size(1) : p.Kout;
   pb.out = out.data_ptr<float>();
   pb.relu = p.relu;
@@ -876,7 +903,6 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
       const GroupInfo& gi = pb.groups[g];
       const int64_t* ich = pb.in_ch.data() + gi.in_off;
       const int64_t pos = pb.out_pos[gi.out_off + r];
-      const int64_t rc = pb.residual != nullptr ? pb.residual_channel(pos) : -1;
       for (int64_t s0 = 0; s0 < gi.count; s0 += 4) {
         const int n = static_cast<int>(std::min<int64_t>(4, gi.count - s0));
         alignas(64) float sums[4][16];
@@ -891,6 +917,7 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
           const float* acc = sums[si];
           const int64_t b = pb.samples[gi.start + s0 + si];
           float* dst = pb.out + (b * G.Kout + pos) * G.P;
+          const int64_t rc = pb.residual != nullptr ? pb.residual_channel(b, pos) : -1;
           const float* res = rc >= 0 ? pb.residual + (b * pb.res_K + rc) * G.P : nullptr;
           for (int q = 0; q < tm.Po; ++q) {
             float v = bv;

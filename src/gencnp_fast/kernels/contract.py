@@ -17,9 +17,10 @@ problems=None, max_group=-1, check_indices=True, residual_take=None)`` (docs/des
   shared mask: all equal; per-class masks: the class; per-sample masks: all distinct); one weight tile is gathered
   per group.
 - ``residual`` ``[B, Kout, Ho, Wo]`` aligned with ``out_idx``, added before the ReLU.
-- ``residual_take`` int64 ``[Kout]`` (optional; one row for the whole batch): the residual is stored for another
-  channel set, ``[B, Kres, Ho, Wo]``, and position ``j`` adds ``residual[b, residual_take[j]]``, nothing where it is
-  ``-1`` (:func:`compact_residual`; the CPU kernel reads it in place, the others re-compact first).
+- ``residual_take`` int64 ``[Kout]`` (one row for the whole batch) or ``[B, Kout]`` (a row per sample), optional:
+  the residual is stored for another channel set, ``[B, Kres, Ho, Wo]``, and position ``j`` of sample ``b`` adds
+  ``residual[b, t]`` with ``t = residual_take[j]`` (or ``residual_take[b, j]``), nothing where ``t == -1``
+  (:func:`compact_residual`; the CPU kernel reads it in place, the others re-compact first).
 - ``problems`` int32 ``[B + 2G]`` and ``max_group``: the grouped-problem list of ``sample_group`` (samples sorted by
   group, start of each group, size of each group) and the largest group, planned beforehand; without them each
   backend derives them (the CUDA kernel and the Triton launcher then synchronise with the device).
@@ -110,8 +111,9 @@ def check_gathered_conv(x, in_idx, weight, bias, out_idx, sample_group, residual
                      f"{tuple(residual.shape)}")
         torch._check(residual_take.dtype == torch.int64,
                      lambda: op + f"residual_take must be int64, got {residual_take.dtype}")
-        torch._check(residual_take.dim() == 1 and residual_take.shape[0] == KOUT,
-                     lambda: op + f"residual_take must be [Kout] = [{KOUT}], got {tuple(residual_take.shape)}")
+        torch._check(tuple(residual_take.shape) in ((KOUT,), (B, KOUT)),
+                     lambda: op + f"residual_take must be [Kout] = [{KOUT}] or [B, Kout] = [{B}, {KOUT}], got "
+                     f"{tuple(residual_take.shape)}")
     if problems is not None:
         torch._check(problems.dim() == 1 and problems.shape[0] >= B and (problems.shape[0] - B) % 2 == 0,
                      lambda: op + f"problems must be [B + 2G] with B = {B}, got {tuple(problems.shape)}")
@@ -181,13 +183,15 @@ def check_index_values(in_idx: torch.Tensor, out_idx: torch.Tensor, c_in: int, c
 
 
 def compact_residual(residual: torch.Tensor, residual_take: torch.Tensor) -> torch.Tensor:
-    """``residual`` ``[B, Kres, Ho, Wo]`` re-compacted by ``residual_take`` ``[Kout]``: ``[B, Kout, Ho, Wo]``,
-    channel ``j`` = ``residual[:, residual_take[j]]``, zeros where ``residual_take[j] == -1``."""
-    k_res = residual.shape[1]
+    """``residual`` ``[B, Kres, Ho, Wo]`` re-compacted by ``residual_take`` ``[Kout]`` or ``[B, Kout]``:
+    ``[B, Kout, Ho, Wo]``, channel ``j`` of sample ``b`` = ``residual[b, t]`` with ``t = residual_take[j]`` (or
+    ``residual_take[b, j]``), zeros where ``t == -1``."""
+    b, k_res, k_out = residual.shape[0], residual.shape[1], residual_take.shape[-1]
     if k_res == 0:
-        return residual.new_zeros((residual.shape[0], residual_take.shape[0]) + tuple(residual.shape[2:]))
-    out = residual.index_select(1, residual_take.clamp(0, k_res - 1))
-    return out.masked_fill_((residual_take < 0).view(1, -1, 1, 1), 0).contiguous()
+        return residual.new_zeros((b, k_out) + tuple(residual.shape[2:]))
+    rows = residual_take.view(-1, k_out, 1, 1)
+    take = rows.clamp(0, k_res - 1).expand((b, k_out) + tuple(residual.shape[2:]))
+    return residual.gather(1, take).masked_fill_(rows < 0, 0).contiguous()
 
 
 def problem_list(sample_group: torch.Tensor) -> Tuple[torch.Tensor, int]:

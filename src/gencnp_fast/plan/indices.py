@@ -64,7 +64,7 @@ class RemapIndex:
     width: int = 0
     take: Optional[torch.Tensor] = None
     keep: Optional[torch.Tensor] = None
-    fused_take: Optional[torch.Tensor] = None  # residual_take_row's result, kept with the run's indices
+    fused_take: Optional[torch.Tensor] = None  # fused_residual_take's result, kept with the run's indices
 
 
 @dataclasses.dataclass
@@ -266,15 +266,18 @@ def packed_conv(st: ConvStep, ix: RunIndices, in_ch: ChannelIndex,
     return ix.packed[key]
 
 
-def residual_take_row(r: RemapIndex) -> Optional[torch.Tensor]:
-    """A ``ROW`` remap (one set for the batch) as the ``residual_take`` of ``gencnp_fast::gathered_conv2d``: int64
-    ``[width]``, ``-1`` where ``keep`` is 0, so that a conv's epilogue reads the residual in place instead of a
-    re-compacted copy (ResNet's identity shortcuts under one shared mask). None for every other kind."""
-    if r.kind != compiled().RemapKind.ROW:
+def fused_residual_take(r: RemapIndex) -> Optional[torch.Tensor]:
+    """A ``ROW`` or ``ROWS`` remap as the ``residual_take`` of ``gencnp_fast::gathered_conv2d``: int64 ``[width]``
+    (one set for the batch) or ``[B, width]`` (a set per sample), ``-1`` where ``keep`` is 0, so that a conv's
+    epilogue reads the residual in place instead of a re-compacted copy (ResNet's identity shortcuts). None for
+    ``SAME`` and ``ZEROS``."""
+    kinds = compiled().RemapKind
+    if r.kind not in (kinds.ROW, kinds.ROWS):
         return None
     if r.fused_take is None:
-        take = r.take[0]
-        r.fused_take = take.contiguous() if r.keep is None else take.masked_fill(r.keep[0] == 0, -1)
+        take = r.take[0] if r.kind == kinds.ROW else r.take
+        keep = None if r.keep is None else r.keep[0] if r.kind == kinds.ROW else r.keep
+        r.fused_take = take.contiguous() if keep is None else take.masked_fill(keep == 0, -1)
     return r.fused_take
 
 
