@@ -156,6 +156,12 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(tmp_path):
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(ValueError, match="corrupt"):
         GenCNP.load(truncated, target)
+    state = torch.load(good, weights_only=False)
+    for key, value in (("init_bias", -6.4e206), ("sigma", float("nan")), ("t0", float("inf")), ("d", 1 << 20)):
+        odd = tmp_path / f"config_{key}.pt"
+        torch.save(dict(state, config=dict(state["config"], **{key: value})), odd)
+        with pytest.raises(ValueError, match="generator config must hold"):  # not a crash in the constructor
+            GenCNP.load(odd, target)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="not a GEN-CNP"):

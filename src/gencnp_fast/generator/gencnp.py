@@ -219,6 +219,7 @@ class GenCNP(nn.Module):
         return gen
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # also refuses NaN and infinity (abs(v) <= max is False)
 _CONFIG_KEYS = {"d": int, "code_dim": int, "t0": (int, float), "sigma": (int, float), "init_bias": (int, float)}
 
 
@@ -233,9 +234,10 @@ def check_generator_state(state, path) -> dict:
     cfg = state["config"]
     if not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_KEYS) or not all(
             isinstance(cfg[k], t) and not isinstance(cfg[k], bool) for k, t in _CONFIG_KEYS.items()) \
-            or cfg["d"] < 1 or cfg["code_dim"] < 1:
-        raise ValueError(f"{path}: the generator config must hold {sorted(_CONFIG_KEYS)} (positive sizes), got "
-                         f"{cfg!r:.200}")
+            or not 1 <= cfg["d"] <= 1 << 16 or not 1 <= cfg["code_dim"] <= 1 << 16 \
+            or not all(abs(cfg[k]) <= _FLOAT32_MAX for k in ("t0", "sigma", "init_bias")):
+        raise ValueError(f"{path}: the generator config must hold {sorted(_CONFIG_KEYS)} (sizes 1..65536, finite "
+                         f"float32 values), got {cfg!r:.200}")
     units = state["units"]
     if not isinstance(units, (list, tuple)) or not units or not all(
             isinstance(u, (list, tuple)) and len(u) == 2 and isinstance(u[0], str) and isinstance(u[1], int)
