@@ -273,6 +273,53 @@ def test_tiny_maps(backend, sharing, case):
     assert torch.equal(got.isnan(), ref.isnan()), case
 
 
+# One-pixel layers at least 4096 weights wide (the CPU kernel's one-pixel path): (C_in, k, stride, padding, dilation,
+# bias, residual, relu). Rows of C_in not a multiple of 16 end inside a 16-float block; a 3x3 conv on a 1x1 map reads
+# the pixel through its centre tap, a 2x2 stride-2 one through tap (1, 1), and a dilated 2x2 through none (bias only).
+WIDE_ONE_PIXEL_CASES = {
+    "linear_4096": (4096, 1, 1, 0, 1, True, False, False),
+    "linear_4100_relu": (4100, 1, 1, 0, 1, True, False, True),
+    "linear_residual_no_bias": (4120, 1, 1, 0, 1, False, True, True),
+    "3x3_pad1": (512, 3, 1, 1, 1, True, True, True),
+    "2x2_stride2_pad1": (1024, 2, 2, 1, 1, True, False, False),
+    "2x2_dil3_no_tap": (1024, 2, 2, 2, 3, True, False, True),
+}
+
+
+@pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
+@pytest.mark.parametrize("case", list(WIDE_ONE_PIXEL_CASES))
+def test_wide_one_pixel_layers(backend, sharing, case):
+    """Wide layers on one pixel: groups of 1 to 9 samples, random kept sets (empty and full ones included)."""
+    c_in, k, stride, padding, dilation, bias, residual, relu = WIDE_ONE_PIXEL_CASES[case]
+    small = interpreted(backend)
+    B, c_out = (3, 12) if small else (9, 70)
+    full = sharing == "shared" and case == "linear_4096"  # every input kept: one run of whole 16-float blocks
+    kin = c_in if full else c_in // 3
+    p = problem(B, c_in, c_out, kin, 40, 1, 1, k, sharing, stride, padding, dilation, relu=relu, residual=residual,
+                bias=bias, seed=len(case) + c_in, n_in=kin if full else None)
+    check(backend, p, what=case)
+    # a NaN input reaches exactly the outputs of its samples (where some tap reads the pixel)
+    p["x"][0, 0] = float("nan")
+    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
+    assert torch.equal(got.isnan(), ref.isnan()), case
+
+
+def test_a_sample_s_output_does_not_depend_on_its_batch():
+    """The CPU kernel sums every output in an order set by its sample's own rows: a sample run alone, in a batch of
+    other samples, or in a group shared with others gives the same bits (narrow layers, the GEMM path, and wide
+    one-pixel layers alike; distributed evaluation relies on it)."""
+    require("cpu")
+    for c_in, h in ((256, 1), (4096, 1), (40, 6)):
+        for sharing in ("sample", "class", "shared"):
+            p = problem(7, c_in, 50, c_in // 4, 30, h, h, 1 if h == 1 else 3, sharing, padding=0 if h == 1 else 1,
+                        seed=c_in + h)
+            out = run("cpu", p)
+            for i in range(7):
+                alone = {k: (v[i:i + 1] if k in ("x", "in_idx", "out_idx", "sample_group", "residual") else v)
+                         for k, v in p.items()}
+                assert torch.equal(run("cpu", alone)[0], out[i]), (c_in, h, sharing, i)
+
+
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
 def test_linear_and_downsample(backend, sharing):
     small = interpreted(backend)
@@ -410,13 +457,14 @@ def with_residual_take(p, k_res, seed, nan_elsewhere=False, per_sample=False):
 
 @pytest.mark.parametrize("take", ["row", "per_sample"])
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "pointwise", "linear",
+@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "pointwise", "linear", "wide_linear",
                                    "no_residual_channels"])
 def test_residual_take_is_the_recompacted_residual(backend, sharing, shape, take):
     """residual_take (the residual stored for another channel set, re-compacted in the epilogue; one row for the
     batch or a row per sample, which differs between the samples of one group) gives exactly the result of the op
     on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3, pixel tiles along 3x3
-    rows, tiny maps, pixel-vectorised 1x1, linear, whose micro-tiles span samples), also where the residual has no
+    rows, tiny maps, pixel-vectorised 1x1, linear, whose micro-tiles span samples, and the one-pixel path of wide
+    linear layers), also where the residual has no
     channels; channels that no position takes are never read (NaN there stays out)."""
     small = interpreted(backend)
     if shape == "3x3":
@@ -429,6 +477,8 @@ def test_residual_take_is_the_recompacted_residual(backend, sharing, shape, take
         p = problem(3, 20, 24, 12, 16, 6 if small else 13, 5 if small else 11, 1, sharing, padding=0, seed=12)
     elif shape == "linear":
         p = problem(5, 30, 12, 20, 10, 1, 1, 1, sharing, padding=0, seed=13)
+    elif shape == "wide_linear":  # >= 4096 inputs: the CPU kernel's one-pixel path
+        p = problem(5, 4104, 12, 600, 10, 1, 1, 1, sharing, padding=0, seed=18)
     else:
         p = problem(3, 8, 6, 5, 4, 5, 5, 3, sharing, seed=14)
     k_res = 0 if shape == "no_residual_channels" else p["out_idx"].shape[1] + 5

@@ -26,6 +26,8 @@
 //     vector stores in the epilogue where the channel tile scatters single floats);
 //   * tiny maps (3x3 on 2x2: 8 <= input x output pixels <= 16, AVX-512): no GEMM at all, see run_tiny_map
 //     (output channel outer, each (output, input) channel pair one vector FMA of its tap matrix);
+//   * one-pixel layers at least 4096 weights wide (VGG-16's classifier; AVX-512): no GEMM either, see run_one_pixel
+//     (chunks of output channels outer, a weight row read from memory once for every group that keeps it);
 //   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros. With
 //     residual_take the residual is read in place from its own channel set (no re-compacted copy).
 #include <ATen/ATen.h>
@@ -773,6 +775,32 @@ Problem describe(const GatheredConvParams& p, at::Tensor& out) {
 }
 
 #if defined(GENCNP_AVX512)
+// (group, entry r) of every kept output position, by chunks of `chunk` output channels (channels [c * chunk,
+// (c + 1) * chunk) own entries[start[c] .. start[c + 1])), by group within a chunk.
+struct ChunkEntries {
+  std::vector<int64_t> start;
+  std::vector<std::pair<int64_t, int64_t>> entries;
+};
+
+ChunkEntries entries_by_chunk(const Problem& pb, int64_t chunk) {
+  const int64_t ng = static_cast<int64_t>(pb.groups.size());
+  const int64_t nchunks = (pb.geo.Cout + chunk - 1) / chunk;
+  ChunkEntries ce;
+  ce.start.assign(nchunks + 1, 0);
+  for (int64_t g = 0; g < ng; ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    for (int64_t r = 0; r < gi.mv; ++r) ++ce.start[pb.out_ch[gi.out_off + r] / chunk + 1];
+  }
+  for (int64_t c = 0; c < nchunks; ++c) ce.start[c + 1] += ce.start[c];
+  ce.entries.resize(ce.start[nchunks]);
+  std::vector<int64_t> fill(ce.start.begin(), ce.start.end() - 1);
+  for (int64_t g = 0; g < ng; ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    for (int64_t r = 0; r < gi.mv; ++r) ce.entries[fill[pb.out_ch[gi.out_off + r] / chunk]++] = {g, r};
+  }
+  return ce;
+}
+
 // Tiny maps (an input of Pi pixels, an output of Po pixels, 8 <= Pi * Po <= 16, at most 16 taps: 3x3 convs on 2x2
 // maps): the conv of one (output channel o, input channel c) pair is a Po x Pi matrix whose entries are taps of
 // weight[o, c] (zero where no tap of output pixel q reads input pixel p), one vector: lane q * Pi + p holds the tap
@@ -879,27 +907,13 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
             d, _mm512_maskz_permutexvar_ps(tm.valid, tm.pixel, _mm512_maskz_loadu_ps(pixels, xb + ipos[jv] * G.HW)));
     }
   }
-  // (output channel, group, entry) of every kept output position, by output channel
-  std::vector<int64_t> start(G.Cout + 1, 0);
-  for (int64_t g = 0; g < ng; ++g) {
-    const GroupInfo& gi = pb.groups[g];
-    for (int64_t r = 0; r < gi.mv; ++r) ++start[pb.out_ch[gi.out_off + r] + 1];
-  }
-  for (int64_t o = 0; o < G.Cout; ++o) start[o + 1] += start[o];
-  std::vector<std::pair<int64_t, int64_t>> entries(start[G.Cout]);  // (group, entry r)
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t g = 0; g < ng; ++g) {
-      const GroupInfo& gi = pb.groups[g];
-      for (int64_t r = 0; r < gi.mv; ++r) entries[fill[pb.out_ch[gi.out_off + r]]++] = {g, r};
-    }
-  }
+  const ChunkEntries ce = entries_by_chunk(pb, 1);  // by output channel
   const int64_t row_stride = G.Cin * G.khw;
   auto run_channel = [&](int64_t o) {
     const float* wrow = pb.w + o * row_stride;
     const float bv = pb.bias ? pb.bias[o] : 0.f;
-    for (int64_t e = start[o]; e < start[o + 1]; ++e) {
-      const auto [g, r] = entries[e];
+    for (int64_t e = ce.start[o]; e < ce.start[o + 1]; ++e) {
+      const auto [g, r] = ce.entries[e];
       const GroupInfo& gi = pb.groups[g];
       const int64_t* ich = pb.in_ch.data() + gi.in_off;
       const int64_t pos = pb.out_pos[gi.out_off + r];
@@ -934,6 +948,210 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
   for_each_dynamic((G.Cout + chunk - 1) / chunk, nthreads, [&](int64_t c) {
     for (int64_t o = c * chunk; o < std::min((c + 1) * chunk, G.Cout); ++o) run_channel(o);
   });
+}
+
+// One-pixel layers (Linear, and convs on 1 x 1 maps whose window reads the one input pixel): out[b, pos] = the dot
+// of weight row o with the sample's valid inputs. The packed GEMM path gathers every group's weight rows into panels,
+// each group on its own: with per-sample masks a batch-8 VGG-16 classifier.0 (25088 -> 4096) gathers 8 x 25.7 MB
+// from memory. Here the output channels are cut into chunks whose weight rows fit in L2, and every group that keeps
+// a row of the chunk reads it there: a row comes from memory once, whatever the number of groups.
+//
+// The valid inputs of a group, as columns of the weight row (channel * khw + the one tap that reads the pixel), fall
+// into 16-float blocks of the row (a block: its column and lane mask). Per group and row, the valid weights are
+// compacted block by block (a masked load, never reading a pruned weight, and an in-register compress) into a
+// thread-local row of kv floats, then dotted with the group's inputs in the same order (built once per call),
+// in register tiles of up to 4 rows x 4 samples of the group. Every (row, sample) sum is one chain over its group's
+// compacted inputs in one order, whatever the tile and the other samples: a sample's output does not depend on the
+// rest of the batch.
+struct OnePixel {
+  int64_t tap = -1;              // the tap that reads the input pixel (-1: none, the output is the bias)
+  std::vector<int64_t> boff;     // per group: first block (boff[ng]: total)
+  std::vector<int64_t> kpad;     // per group: valid inputs, rounded up to a multiple of 16
+  std::vector<int64_t> xoff;     // per group: offset of its compacted inputs (kpad floats per sample)
+  std::vector<int64_t> col;      // per block: first column of the weight row
+  std::vector<__mmask16> lanes;  // per block: valid lanes
+};
+
+// dst + r * (kp + 16) = the valid weights of row wrow[r], r < rows, block by block, zero up to kp (each block
+// stores 16 floats: the 16 of slack take the last one's tail). The rows advance together: several streams of loads
+// in flight when they come from memory.
+inline void compact_rows(const float* const* wrow, int rows, const int64_t* col, const __mmask16* lanes, int64_t nb,
+                         int64_t kp, float* dst) {
+  const int64_t stride = kp + 16;
+  int64_t n = 0;
+  // Blocks prefetched ahead into L2: more lines in flight than the loads alone keep (per-sample VGG-16 classifier.0
+  // at batch 8, one thread: 25-27 ms against 32-37 without, or with prefetches into L1).
+  constexpr int64_t kAhead = 48;
+  for (int64_t i = 0; i < nb; ++i) {
+    const __mmask16 m = lanes[i];
+    if (i + kAhead < nb)
+      for (int r = 0; r < rows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(wrow[r] + col[i + kAhead]), _MM_HINT_T1);
+    for (int r = 0; r < rows; ++r)
+      _mm512_storeu_ps(dst + r * stride + n, _mm512_maskz_compress_ps(m, _mm512_maskz_loadu_ps(m, wrow[r] + col[i])));
+    n += _mm_popcnt_u32(m);
+  }
+  for (int r = 0; r < rows && n % 16; ++r) _mm512_storeu_ps(dst + r * stride + n, _mm512_setzero_ps());
+}
+
+// Lane 4 s + r of the result = the sum of the 16 lanes of v[4 r + s], r, s < 4, added pairwise as
+// _mm512_reduce_add_ps does (lanes i and i + 8, then i and i + 4, i and i + 2, i and i + 1): one sum's rounding
+// does not depend on the other 15 (three shuffles and an add per level instead of 16 reductions).
+__attribute__((always_inline)) inline __m512 reduce16(const __m512* v) {
+  __m512 u[8], z[4], y[2];
+  for (int m = 0; m < 8; ++m)  // [v[2m] 0..7 + 8..15 | v[2m+1] 0..7 + 8..15]
+    u[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // 128-bit blocks 0 + 1 and 2 + 3 of each
+    z[m] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)  // per block: lanes 0 + 2, 1 + 3
+    y[m] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * m], z[2 * m + 1], 0x44),
+                         _mm512_shuffle_ps(z[2 * m], z[2 * m + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));  // lanes 0 + 1
+}
+
+// sums[4 s + r] = dot of compacted row w + r * (kp + 16) with the inputs of sample s (x + s * kp), kp floats each.
+template <int R, int N>
+inline void one_pixel_tile(const float* w, const float* x, int64_t kp, float* sums) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kp; k += 16) {
+    __m512 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm512_load_ps(w + r * (kp + 16) + k);
+      asm("" : "+v"(wv[r]));  // in a register: GCC would fold the loads into every FMA (16 loads per 16 FMAs)
+    }
+#pragma GCC unroll 4
+    for (int s = 0; s < N; ++s) {
+      __m512 xv = _mm512_load_ps(x + s * kp + k);
+      asm("" : "+v"(xv));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[4 * r + s] = _mm512_fmadd_ps(wv[r], xv, acc[4 * r + s]);
+    }
+  }
+  _mm512_storeu_ps(sums, reduce16(acc));
+}
+
+using OnePixelTileFn = void (*)(const float*, const float*, int64_t, float*);
+
+template <int R>
+OnePixelTileFn pick_tile_n(int n) {
+  switch (n) {
+    case 1: return &one_pixel_tile<R, 1>;
+    case 2: return &one_pixel_tile<R, 2>;
+    case 3: return &one_pixel_tile<R, 3>;
+    default: return &one_pixel_tile<R, 4>;
+  }
+}
+
+OnePixelTileFn pick_tile(int rows, int n) {
+  switch (rows) {
+    case 1: return pick_tile_n<1>(n);
+    case 2: return pick_tile_n<2>(n);
+    case 3: return pick_tile_n<3>(n);
+    default: return pick_tile_n<4>(n);
+  }
+}
+
+thread_local ScratchBuffer tl_xcompact;
+thread_local ScratchBuffer tl_wcompact;
+
+// Taken for rows of at least kOnePixelMinWidth weights (VGG-16's 25088 / 4096-wide classifier layers), where the
+// weight is the layer's memory traffic. Narrower layers (ResNet heads, 32x32 models' classifiers, small-map convs)
+// stay in cache between groups, and there the packed GEMM path is faster (compute-bound: 0.72-0.8x with the
+// one-pixel path at batch 64). A property of the layer alone: every sample of every batch takes the same path.
+constexpr int64_t kOnePixelMinWidth = 4096;
+
+bool one_pixel(const ConvGeom& G) { return G.HW == 1 && G.P == 1 && G.Cin * G.khw >= kOnePixelMinWidth; }
+
+void run_one_pixel(const Problem& pb, int nthreads) {
+  const ConvGeom& G = pb.geo;
+  const int64_t ng = static_cast<int64_t>(pb.groups.size());
+  OnePixel op;
+  for (int64_t ky = 0; ky < G.kh; ++ky)
+    for (int64_t kx = 0; kx < G.kw; ++kx)
+      if (ky * G.dh == G.ph && kx * G.dw == G.pw) op.tap = ky * G.kw + kx;
+  const int64_t row_stride = G.Cin * G.khw;
+  // blocks of every group: its valid inputs are strictly increasing channels (the op's contract), so their columns
+  // are too, and compacting a row block by block keeps the order of the inputs
+  op.boff.assign(ng + 1, 0);
+  op.kpad.assign(ng, 0);
+  op.xoff.assign(ng + 1, 0);
+  int64_t kmax = 16;
+  for (int64_t g = 0; g < ng; ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    const int64_t* ich = pb.in_ch.data() + gi.in_off;
+    for (int64_t jv = 0; jv < gi.kv && op.tap >= 0; ++jv) {
+      const int64_t c = ich[jv] * G.khw + op.tap;
+      if (static_cast<int64_t>(op.col.size()) == op.boff[g] || op.col.back() != c / 16 * 16) {
+        op.col.push_back(c / 16 * 16);
+        op.lanes.push_back(0);
+      }
+      op.lanes.back() |= static_cast<__mmask16>(1u << (c % 16));
+    }
+    op.boff[g + 1] = static_cast<int64_t>(op.col.size());
+    op.kpad[g] = op.tap >= 0 ? (gi.kv + 15) / 16 * 16 : 0;
+    op.xoff[g + 1] = op.xoff[g] + gi.count * op.kpad[g];
+    kmax = std::max(kmax, op.kpad[g]);
+  }
+  // inputs: sample si of group g at xc + xoff[g] + si * kpad[g], its kv valid inputs then zeros
+  float* xc = tl_xcompact.get(static_cast<size_t>(std::max<int64_t>(op.xoff[ng], 16)));
+  for (int64_t g = 0; g < ng; ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    const int64_t* ipos = pb.in_pos.data() + gi.in_off;
+    for (int64_t si = 0; si < gi.count; ++si) {
+      const float* xb = pb.x + pb.samples[gi.start + si] * G.Kin;
+      float* d = xc + op.xoff[g] + si * op.kpad[g];
+      for (int64_t jv = 0; jv < op.kpad[g]; ++jv) d[jv] = jv < gi.kv ? xb[ipos[jv]] : 0.f;
+    }
+  }
+  // Chunks of output channels whose rows fit in L2; per chunk its (group, entry) pairs by group.
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(4 * row_stride, 1), 4, 64);
+  const ChunkEntries ce = entries_by_chunk(pb, chunk);
+  auto run_chunk = [&](int64_t c) {
+    float* wc = tl_wcompact.get(static_cast<size_t>(4 * (kmax + 16)));
+    for (int64_t e0 = ce.start[c]; e0 < ce.start[c + 1];) {
+      const int64_t g = ce.entries[e0].first;
+      int64_t e1 = e0 + 1;
+      while (e1 < ce.start[c + 1] && e1 - e0 < 4 && ce.entries[e1].first == g) ++e1;
+      const GroupInfo& gi = pb.groups[g];
+      const int rows = static_cast<int>(e1 - e0);
+      const int64_t kp = op.kpad[g], b0 = op.boff[g];
+      const float* wrow[4];
+      int64_t pos[4];
+      float bias[4];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t o = pb.out_ch[gi.out_off + ce.entries[e0 + r].second];
+        wrow[r] = pb.w + o * row_stride;
+        pos[r] = pb.out_pos[gi.out_off + ce.entries[e0 + r].second];
+        bias[r] = pb.bias ? pb.bias[o] : 0.f;
+      }
+      compact_rows(wrow, rows, op.col.data() + b0, op.lanes.data() + b0, op.boff[g + 1] - b0, kp, wc);
+      for (int64_t s0 = 0; s0 < gi.count; s0 += 4) {
+        const int n = static_cast<int>(std::min<int64_t>(4, gi.count - s0));
+        alignas(64) float sums[16] = {};
+        if (kp > 0) pick_tile(rows, n)(wc, xc + op.xoff[g] + s0 * kp, kp, sums);
+        for (int si = 0; si < n; ++si) {  // epilogue: bias, residual, ReLU
+          const int64_t b = pb.samples[gi.start + s0 + si];
+          float* dst = pb.out + b * G.Kout;
+          for (int r = 0; r < rows; ++r) {
+            float v = sums[4 * si + r] + bias[r];
+            if (pb.residual != nullptr) {
+              const int64_t rc = pb.residual_channel(b, pos[r]);
+              if (rc >= 0) v += pb.residual[b * pb.res_K + rc];
+            }
+            if (pb.relu) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
+            dst[pos[r]] = v;
+          }
+        }
+      }
+      e0 = e1;
+    }
+  };
+  for_each_dynamic(static_cast<int64_t>(ce.start.size()) - 1, nthreads, run_chunk);
 }
 #endif
 
@@ -1008,6 +1226,10 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
   TinyMap tm;
   if (tiny_map(pb.geo, tm)) {
     run_tiny_map(pb, tm, nthreads);
+    return out;
+  }
+  if (one_pixel(pb.geo)) {
+    run_one_pixel(pb, nthreads);
     return out;
   }
 #endif

@@ -31,6 +31,11 @@ SMALL_MAP_MIN_BATCH = 16
 # that keep some layers whole at batch 1 take this path.
 DENSE_OP_MAX_MACS = 8_000_000
 
+# Linear layers at least this wide (weight columns) take the CPU op's one-pixel path (kOnePixelMinWidth in
+# csrc/cpu/gathered_conv2d_cpu.cpp), which reads each weight row once for every group that keeps it: they need no
+# union call (:func:`_linear_on_union`), whose sums would not be the per-group call's bits there.
+ONE_PIXEL_MIN_WIDTH = 4096
+
 # A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
 # problems, max_group, check_indices, residual_take) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d;
 # the interpreter passes check_indices=False: the run index planner builds valid indices)
@@ -87,12 +92,13 @@ def _linear_on_union(st: ConvStep, x: torch.Tensor, in_ch: ChannelIndex, out_ch:
     the op gathers, for each group, its input columns of every weight row; columns of one feature each lie 4 bytes
     apart, so each group reads nearly every cache line of the weight (ResNet-50's 2048 -> 1000 head, 8 MB, per-sample
     masks at batch 8: 1.9 ms). Taken where the groups' kept columns add up to at least the weight's width
-    (``groups x K_in >= C_in``: the per-group calls would read at least the weight's bytes). The result is
+    (``groups x K_in >= C_in``: the per-group calls would read at least the weight's bytes) and the layer is
+    narrower than :data:`ONE_PIXEL_MIN_WIDTH` (wider ones read each row once per call anyway). The result is
     bit-equal to the per-group call: the micro-kernel sums over the listed inputs in ascending order, and each
     pruned input adds ``w * 0`` (exactly 0 for a finite weight) to its sum; so a sample's logits do not depend on
     the batch it came in. None where not taken."""
     c_in = st.weight.shape[1]
-    if (not st.linear or st.residual is not None or not out_ch.full or in_ch.full
+    if (not st.linear or st.residual is not None or not out_ch.full or in_ch.full or c_in >= ONE_PIXEL_MIN_WIDTH
             or in_ch.ngroups * x.shape[1] < c_in or not _on_cpu_op(x, conv)):
         return None
     b = x.shape[0]
