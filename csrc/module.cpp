@@ -11,6 +11,7 @@
 
 namespace gencnp_fast {
 const char* cpu_kernel_isa();                 // csrc/cpu/gathered_conv2d_cpu.cpp
+int64_t cpu_one_pixel_min_width();           // csrc/cpu/gathered_conv2d_cpu.cpp
 pybind11::tuple model_fingerprint(pybind11::handle model);  // csrc/fingerprint.cpp
 at::Tensor gru_sequence(const at::Tensor& inputs, const at::Tensor& h0, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
@@ -26,7 +27,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gencnp_fast compiled code: ops registered as torch.ops.gencnp_fast.*, the run index planner";
   m.attr("crash_trace") = install_crash_trace();  // GENCNP_FAST_CRASH_TRACE=1: a native backtrace on a crash
   m.def("cpu_info", [] { return std::string(cpu_kernel_isa()); },
-        "ISA the CPU kernel was compiled for ('avx2+fma' or 'generic-vector').");
+        "ISA the CPU kernel was compiled for ('avx512f', 'avx2+fma' or 'generic-vector').");
+  m.def("one_pixel_min_width", &cpu_one_pixel_min_width,
+        "Weights per row from which the CPU op runs a one-pixel layer (Linear) on its one-pixel path, reading each "
+        "weight row once per call (no such path without AVX-512: the largest int64).");
   m.def("num_threads", [] { return at::get_num_threads(); }, "at::get_num_threads() as seen by the extension.");
   m.def("model_fingerprint", &model_fingerprint, py::arg("model"),
         "(module tree bytes, tensors bytes, hooked, first module in training mode or None, first parameter or "

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -256,6 +257,11 @@ struct Problem {
   // The residual channel that output position `pos` of sample b adds (-1: none).
   int64_t residual_channel(int64_t b, int64_t pos) const {
     return res_take ? res_take[b * take_stride + pos] : pos;
+  }
+  // The residual plane that output position `pos` of sample b adds (P floats), or null: none.
+  const float* residual_at(int64_t b, int64_t pos) const {
+    const int64_t rc = residual != nullptr ? residual_channel(b, pos) : -1;
+    return rc >= 0 ? residual + (b * res_K + rc) * geo.P : nullptr;
   }
   // The sample of an output offset (sample * Kout * P + pixel).
   int64_t sample_of(int64_t out_offset) const { return out_offset / (geo.Kout * geo.P); }
@@ -931,8 +937,7 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
           const float* acc = sums[si];
           const int64_t b = pb.samples[gi.start + s0 + si];
           float* dst = pb.out + (b * G.Kout + pos) * G.P;
-          const int64_t rc = pb.residual != nullptr ? pb.residual_channel(b, pos) : -1;
-          const float* res = rc >= 0 ? pb.residual + (b * pb.res_K + rc) * G.P : nullptr;
+          const float* res = pb.residual_at(b, pos);
           for (int q = 0; q < tm.Po; ++q) {
             float v = bv;
             for (int pi = 0; pi < tm.Pi; ++pi) v += acc[q * tm.Pi + pi];
@@ -1061,7 +1066,7 @@ thread_local ScratchBuffer tl_wcompact;
 
 // Taken for rows of at least kOnePixelMinWidth weights (VGG-16's 25088 / 4096-wide classifier layers), where the
 // weight is the layer's memory traffic. Narrower layers (ResNet heads, 32x32 models' classifiers, small-map convs)
-// stay in cache between groups, and there the packed GEMM path is faster (compute-bound: 0.72-0.8x with the
+// stay in cache between groups, and there the packed GEMM path is faster (compute-bound: 0.5-0.8x with the
 // one-pixel path at batch 64). A property of the layer alone: every sample of every batch takes the same path.
 constexpr int64_t kOnePixelMinWidth = 4096;
 
@@ -1139,10 +1144,7 @@ void run_one_pixel(const Problem& pb, int nthreads) {
           float* dst = pb.out + b * G.Kout;
           for (int r = 0; r < rows; ++r) {
             float v = sums[4 * si + r] + bias[r];
-            if (pb.residual != nullptr) {
-              const int64_t rc = pb.residual_channel(b, pos[r]);
-              if (rc >= 0) v += pb.residual[b * pb.res_K + rc];
-            }
+            if (const float* res = pb.residual_at(b, pos[r])) v += *res;
             if (pb.relu) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
             dst[pos[r]] = v;
           }
@@ -1236,6 +1238,14 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
   const std::vector<WorkItem> items = work_items(pb, nthreads);
   for_each_dynamic(static_cast<int64_t>(items.size()), nthreads, [&](int64_t i) { run_item(pb, items[i]); });
   return out;
+}
+
+int64_t cpu_one_pixel_min_width() {
+#if defined(GENCNP_AVX512)
+  return kOnePixelMinWidth;
+#else
+  return std::numeric_limits<int64_t>::max();  // no one-pixel path: every layer takes the GEMM path
+#endif
 }
 
 TORCH_LIBRARY_IMPL(gencnp_fast, CPU, m) {

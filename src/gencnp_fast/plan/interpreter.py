@@ -13,7 +13,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .indices import ChannelIndex, RunIndices, apply_remap, fused_residual_take, packed_conv, small_map_eligible
+from .indices import (ChannelIndex, RunIndices, apply_remap, compiled, fused_residual_take, packed_conv,
+                      small_map_eligible)
 from .sets import FlatFeatures
 from .steps import ChannelwiseStep, ConvStep, FlattenStep, Plan, RemapStep
 
@@ -30,11 +31,6 @@ SMALL_MAP_MIN_BATCH = 16
 # 16x16 (38 M) 0.87x, batch 4 of 64->128 on 7x7 (14 M) 0.85x). Explaining one image (dense capture) and pathways
 # that keep some layers whole at batch 1 take this path.
 DENSE_OP_MAX_MACS = 8_000_000
-
-# Linear layers at least this wide (weight columns) take the CPU op's one-pixel path (kOnePixelMinWidth in
-# csrc/cpu/gathered_conv2d_cpu.cpp), which reads each weight row once for every group that keeps it: they need no
-# union call (:func:`_linear_on_union`), whose sums would not be the per-group call's bits there.
-ONE_PIXEL_MIN_WIDTH = 4096
 
 # A conv backend: (x, in_idx, weight, bias, out_idx, sample_group, residual, stride, padding, dilation, relu,
 # problems, max_group, check_indices, residual_take) -> out  (the contract of torch.ops.gencnp_fast.gathered_conv2d;
@@ -93,13 +89,15 @@ def _linear_on_union(st: ConvStep, x: torch.Tensor, in_ch: ChannelIndex, out_ch:
     apart, so each group reads nearly every cache line of the weight (ResNet-50's 2048 -> 1000 head, 8 MB, per-sample
     masks at batch 8: 1.9 ms). Taken where the groups' kept columns add up to at least the weight's width
     (``groups x K_in >= C_in``: the per-group calls would read at least the weight's bytes) and the layer is
-    narrower than :data:`ONE_PIXEL_MIN_WIDTH` (wider ones read each row once per call anyway). The result is
+    narrower than the op's one-pixel path (``_C.one_pixel_min_width()``, 4096 with AVX-512), which reads each
+    weight row once per call anyway and whose sums would not be the per-group call's bits here. The result is
     bit-equal to the per-group call: the micro-kernel sums over the listed inputs in ascending order, and each
     pruned input adds ``w * 0`` (exactly 0 for a finite weight) to its sum; so a sample's logits do not depend on
     the batch it came in. None where not taken."""
     c_in = st.weight.shape[1]
-    if (not st.linear or st.residual is not None or not out_ch.full or in_ch.full or c_in >= ONE_PIXEL_MIN_WIDTH
-            or in_ch.ngroups * x.shape[1] < c_in or not _on_cpu_op(x, conv)):
+    if (not st.linear or st.residual is not None or not out_ch.full or in_ch.full
+            or in_ch.ngroups * x.shape[1] < c_in or not _on_cpu_op(x, conv)
+            or c_in >= compiled().one_pixel_min_width()):
         return None
     b = x.shape[0]
     idx = in_ch.idx.long()
