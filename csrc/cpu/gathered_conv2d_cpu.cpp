@@ -17,7 +17,7 @@
 //     per-k offset table (koff), from x itself (padding 0) or from a zero-padded copy of the
 //     valid channels of the block's samples (thread-local buffer, reused across calls);
 //   * A: per 16-row tile, weights are gathered into a [K][16] panel (8x8 register transposes;
-//     this gather, from L3, bounds per-sample masks on 4x4 maps); the panel is reused over
+//     this gather, from L3, bounds per-sample masks on small maps); the panel is reused over
 //     every column of the item, i.e. every pixel of every sample of the group, and cached for the
 //     item when it has several column blocks;
 //   * 16x12 (AVX-512) / 16x6 (AVX2+FMA) register-blocked FMA micro-kernel, output channels in the lanes
@@ -26,6 +26,8 @@
 //     vector stores in the epilogue where the channel tile scatters single floats);
 //   * tiny maps (3x3 on 2x2: 8 <= input x output pixels <= 16, AVX-512): no GEMM at all, see run_tiny_map
 //     (output channel outer, each (output, input) channel pair one vector FMA of its tap matrix);
+//   * small maps (13..16 output pixels: 4x4, AVX-512): a sample's pixels in the lanes, weights broadcast from their
+//     rows in place (no packed tile), tiles of all groups in weight-row order, see run_small_map;
 //   * one-pixel layers at least 4096 weights wide (VGG-16's classifier; AVX-512): no GEMM either, see run_one_pixel
 //     (chunks of output channels outer, a weight row read from memory once for every group that keeps it);
 //   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros. With
@@ -43,6 +45,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -915,8 +918,35 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
   }
   const ChunkEntries ce = entries_by_chunk(pb, 1);  // by output channel
   const int64_t row_stride = G.Cin * G.khw;
+  // In a model run the layer's weights come from memory (the layers before evicted them), and a row's reads (a few
+  // floats per kept input channel) are too scattered for the hardware prefetcher: the lines of a row that some group
+  // reads are prefetched into L2 while the row before runs. Per-sample VGG-16-BN 2x2 layers at batch 64, in the model
+  // (paired rounds, per-step times): 1.18-1.29x; one shared mask 0.96-1.02x.
+  std::vector<int64_t> lines;  // byte offsets (64-byte lines) of a weight row that some group reads
+  {
+    std::vector<char> hit((row_stride * 4 + 63) / 64, 0);
+    for (int64_t g = 0; g < ng; ++g) {
+      const GroupInfo& gi = pb.groups[g];
+      for (int64_t jv = 0; jv < gi.kv; ++jv) {
+        const int64_t c = pb.in_ch[gi.in_off + jv];
+        hit[c * G.khw * 4 / 64] = hit[((c + 1) * G.khw * 4 - 1) / 64] = 1;
+      }
+    }
+    for (int64_t l = 0; l < static_cast<int64_t>(hit.size()); ++l)
+      if (hit[l]) lines.push_back(l * 64);
+  }
   auto run_channel = [&](int64_t o) {
     const float* wrow = pb.w + o * row_stride;
+    {
+      int64_t n = o + 1;
+      while (n < G.Cout && ce.start[n + 1] == ce.start[n]) ++n;
+      if (n < G.Cout) ++n;
+      while (n < G.Cout && ce.start[n + 1] == ce.start[n]) ++n;
+      if (n < G.Cout) {
+        const char* nrow = reinterpret_cast<const char*>(pb.w + n * row_stride);
+        for (const int64_t off : lines) _mm_prefetch(nrow + off, _MM_HINT_T1);
+      }
+    }
     const float bv = pb.bias ? pb.bias[o] : 0.f;
     for (int64_t e = ce.start[o]; e < ce.start[o + 1]; ++e) {
       const auto [g, r] = ce.entries[e];
@@ -1155,6 +1185,172 @@ void run_one_pixel(const Problem& pb, int nthreads) {
   };
   for_each_dynamic(static_cast<int64_t>(ce.start.size()) - 1, nthreads, run_chunk);
 }
+
+// Small maps (13 to 16 output pixels per sample: the 4x4 maps of the 32x32 models' last stage). The GEMM path packs
+// each group's weight tiles on its own: with per-sample masks a batch of 64 gathers (8x8 transposes) 64 x 590 KB of
+// a 9.4 MB 512 -> 512 layer, each weight then used for one sample's 16 pixels only, so the packing cost about as much
+// as the FMAs; and a 16-pixel sample fills a 12-column panel and a third of another. Here a sample's pixels are the
+// lanes of one vector, and a tile of 16 output channels x 1 sample broadcasts its weights from the weight rows in
+// place (no packing): acc[r] += weight[row r][channel, tap] * (the sample's pixels that tap reads). The sums run over
+// k = valid input * khw + tap in the order of the GEMM path: the same bits. Tiles of all groups run in the order of
+// their first weight row, so the groups that keep a row read it while it is still in cache.
+//
+// The pixels a tap reads: for inputs of at most 16 pixels, one permute of the channel's pixel vector (fused into
+// the tile); for 17 to 64 (a stride-2 conv from 8x8) an im2col of the sample built per tile (K x 16 floats, L1/L2).
+// Paired A/B against the GEMM path (captured calls of VGG-16-BN / ResNet-18 at 32x32, batch 64, density 0.25,
+// median of 15, 2 threads, Zen 4 VM): 3x3 on 4x4, per sample 1.57-1.62x, per class 1.15-1.21x, shared 1.13-1.25x;
+// 3x3 stride 2 from 8x8, per sample 1.30x, others 0.98-1.0x. A 1x1 stride-2 conv from 8x8 lost 0.92x shared (its
+// im2col per tile costs as much as its 16 FMAs per input) and keeps the GEMM path.
+constexpr int64_t kSmallMapMinP = 13;
+bool small_map(const ConvGeom& G) {
+  return G.P >= kSmallMapMinP && G.P <= 16 && (G.HW <= 16 || (G.HW <= 64 && G.khw > 1));
+}
+
+thread_local ScratchBuffer tl_xcol;
+
+// Per tap: lane q (output pixel) -> the input pixel its window reads; lanes that read padding (or q >= P) are not
+// in `valid`; `upper`: lanes reading a pixel in [32, 64).
+struct SmallMapTaps {
+  std::vector<__m512i> idx;
+  std::vector<__mmask16> valid, upper;
+  std::vector<__m512i> fused;  // idx with 16 where the lane reads padding: the first lane of a zero vector
+};
+
+SmallMapTaps small_map_taps(const ConvGeom& G) {
+  SmallMapTaps sm;
+  for (int64_t ky = 0; ky < G.kh; ++ky) {
+    for (int64_t kx = 0; kx < G.kw; ++kx) {
+      alignas(64) int32_t idx[16] = {0}, fused[16];
+      uint32_t valid = 0, upper = 0;
+      for (int64_t q = 0; q < 16; ++q) {
+        fused[q] = 16;
+        const int64_t iy = (q / G.Wo) * G.sh - G.ph + ky * G.dh, ix = (q % G.Wo) * G.sw - G.pw + kx * G.dw;
+        if (q >= G.P || iy < 0 || iy >= G.H || ix < 0 || ix >= G.W) continue;
+        fused[q] = idx[q] = static_cast<int32_t>(iy * G.W + ix);
+        valid |= 1u << q;
+        if (idx[q] >= 32) upper |= 1u << q;
+      }
+      sm.idx.push_back(_mm512_load_si512(idx));
+      sm.fused.push_back(_mm512_load_si512(fused));
+      sm.valid.push_back(static_cast<__mmask16>(valid));
+      sm.upper.push_back(static_cast<__mmask16>(upper));
+    }
+  }
+  return sm;
+}
+
+// dst[(jv * khw + t) * 16 + q] = the pixel tap t of output pixel q reads in the jv-th valid channel of the sample
+// at xb (0 where it reads padding), for inputs of 17 to 64 pixels.
+void small_map_im2col(const Problem& pb, const GroupInfo& gi, const SmallMapTaps& sm, const float* xb,
+                      float* __restrict dst) {
+  const int64_t* ipos = pb.in_pos.data() + gi.in_off;
+  const int64_t Pi = pb.geo.HW, khw = pb.geo.khw;
+  __mmask16 part[4];  // lanes of the i-th 16 input pixels
+  for (int i = 0; i < 4; ++i)
+    part[i] = static_cast<__mmask16>((1u << std::clamp<int64_t>(Pi - 16 * i, 0, 16)) - 1u);
+  for (int64_t jv = 0; jv < gi.kv; ++jv) {
+    const float* src = xb + ipos[jv] * Pi;
+    const __m512 v0 = _mm512_maskz_loadu_ps(part[0], src), v1 = _mm512_maskz_loadu_ps(part[1], src + 16);
+    const __m512 v2 = _mm512_maskz_loadu_ps(part[2], src + 32), v3 = _mm512_maskz_loadu_ps(part[3], src + 48);
+    float* d = dst + jv * khw * 16;
+    for (int64_t t = 0; t < khw; ++t) {
+      const __m512 lo = _mm512_permutex2var_ps(v0, sm.idx[t], v1), hi = _mm512_permutex2var_ps(v2, sm.idx[t], v3);
+      _mm512_store_ps(d + t * 16, _mm512_maskz_mov_ps(sm.valid[t], _mm512_mask_blend_ps(sm.upper[t], lo, hi)));
+    }
+  }
+}
+
+// Ct[r * 16 + q] = sum over k = jv * khw + t, ascending, of weight row wrows[r] at (ich[jv], t) times the pixel
+// that tap t of output pixel q reads in the sample's jv-th valid channel: xcol[k * 16 + q] (small_map_im2col).
+template <int KHW>
+void small_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
+                    const float* __restrict xcol, float* __restrict Ct) {
+  const int64_t khw = KHW > 0 ? KHW : khw_rt;
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t jv = 0; jv < kv; ++jv) {
+    const int64_t off = ich[jv] * khw;
+    const float* xp = xcol + jv * khw * 16;
+#pragma GCC unroll 9
+    for (int64_t t = 0; t < khw; ++t) {
+      const __m512 xv = _mm512_load_ps(xp + t * 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wrows[r][off + t]), xv, acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
+}
+
+// small_map_tile for inputs of at most 16 pixels, the im2col fused: the pixels of tap t are one permute of the
+// channel's pixel vector (index 16, the zero vector's first lane, where the tap reads padding). A separate function
+// rather than a template flag of small_map_tile: merged, GCC allocated the registers of this loop worse (7-9 %
+// slower per sample in paired runs).
+template <int KHW>
+void small_map_tile_fused(const float* const* wrows, const int64_t* __restrict ich, const int64_t* __restrict ipos,
+                          int64_t kv, int64_t khw_rt, const __m512i* tidx, __mmask16 pixels, const float* xb,
+                          int64_t HW, float* __restrict Ct) {
+  const int64_t khw = KHW > 0 ? KHW : khw_rt;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t jv = 0; jv < kv; ++jv) {
+    const int64_t off = ich[jv] * khw;
+    const __m512 v = _mm512_maskz_loadu_ps(pixels, xb + ipos[jv] * HW);
+#pragma GCC unroll 9
+    for (int64_t t = 0; t < khw; ++t) {
+      const __m512 xv = _mm512_permutex2var_ps(v, tidx[t], zero);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wrows[r][off + t]), xv, acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
+}
+
+void run_small_map(const Problem& pb, int nthreads) {
+  const ConvGeom& G = pb.geo;
+  const SmallMapTaps sm = small_map_taps(G);
+  const bool fused = G.HW <= 16;
+  const __mmask16 pixels = static_cast<__mmask16>((1u << std::min<int64_t>(G.HW, 16)) - 1u);
+  // (first weight row, group, tile) of every 16-row tile, by first weight row
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> tiles;
+  for (int64_t g = 0; g < static_cast<int64_t>(pb.groups.size()); ++g) {
+    const GroupInfo& gi = pb.groups[g];
+    for (int64_t mt = 0; mt * MR < gi.mv; ++mt) tiles.emplace_back(pb.out_ch[gi.out_off + mt * MR], g, mt);
+  }
+  std::sort(tiles.begin(), tiles.end());
+  const __mmask16 lanes = static_cast<__mmask16>((1u << G.P) - 1u);
+  const int64_t row_stride = G.Cin * G.khw;
+  for_each_dynamic(static_cast<int64_t>(tiles.size()), nthreads, [&](int64_t i) {
+    const auto [first, g, mt] = tiles[i];
+    const GroupInfo& gi = pb.groups[g];
+    const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
+    const int64_t* opos = pb.out_pos.data() + gi.out_off + mt * MR;
+    const int64_t* och = pb.out_ch.data() + gi.out_off + mt * MR;
+    const float* wrows[MR];
+    for (int r = 0; r < MR; ++r) wrows[r] = pb.w + och[r < rows ? r : 0] * row_stride;  // past rows: not stored
+    const int64_t* ich = pb.in_ch.data() + gi.in_off;
+    const int64_t* ipos = pb.in_pos.data() + gi.in_off;
+    float* xcol = fused ? nullptr : tl_xcol.get(static_cast<size_t>(std::max<int64_t>(gi.kv * G.khw, 1) * 16));
+    alignas(64) float Ct[MR * 16];
+    for (int64_t si = 0; si < gi.count; ++si) {
+      const int64_t b = pb.samples[gi.start + si];
+      const float* xb = pb.x + b * G.Kin * G.HW;
+      if (fused) {
+        if (G.khw == 9) small_map_tile_fused<9>(wrows, ich, ipos, gi.kv, 9, sm.fused.data(), pixels, xb, G.HW, Ct);
+        else small_map_tile_fused<0>(wrows, ich, ipos, gi.kv, G.khw, sm.fused.data(), pixels, xb, G.HW, Ct);
+      } else {
+        small_map_im2col(pb, gi, sm, xb, xcol);
+        if (G.khw == 9) small_map_tile<9>(wrows, ich, gi.kv, 9, xcol, Ct);
+        else small_map_tile<0>(wrows, ich, gi.kv, G.khw, xcol, Ct);
+      }
+      pixel_epilogue(pb, rows, opos, och, b, b * G.Kout * G.P, b * pb.res_K * G.P, lanes, Ct);
+    }
+  });
+}
 #endif
 
 // Work items: per group, column blocks whose B source stays in L2 while every weight tile streams over it, split
@@ -1232,6 +1428,10 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
   }
   if (one_pixel(pb.geo)) {
     run_one_pixel(pb, nthreads);
+    return out;
+  }
+  if (small_map(pb.geo)) {
+    run_small_map(pb, nthreads);
     return out;
   }
 #endif
