@@ -273,12 +273,12 @@ def test_tiny_maps(backend, sharing, case):
     assert torch.equal(got.isnan(), ref.isnan()), case
 
 
-# (H, W, k, stride, padding, dilation, residual, relu): output maps of 13 to 16 pixels (the CPU kernel's small-map
+# (H, W, k, stride, padding, dilation, residual, relu): output maps of 13 to 16 pixels (the CPU kernel's vector-map
 # path: a sample's pixels in the lanes of one vector, weights broadcast from their rows). Inputs of at most 16 pixels
 # permute a channel's pixels per tap (3x3 / 1x1 / dilated 5x5 on 4x4, 3x5 and 13x1 maps: partial vectors); 17 to 64
 # build an im2col per tile (stride 2 from 8x8 and 7x7, a 2x2 kernel on 5x5); a 1x1 stride-2 conv from 8x8 keeps the
 # GEMM path.
-SMALL_MAP_CASES = {
+VECTOR_MAP_CASES = {
     "4x4_3x3_pad1": (4, 4, 3, 1, 1, 1, True, True),
     "4x4_3x3_pad1_plain": (4, 4, 3, 1, 1, 1, False, False),
     "4x4_1x1": (4, 4, 1, 1, 0, 1, True, True),
@@ -293,11 +293,11 @@ SMALL_MAP_CASES = {
 
 
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("case", list(SMALL_MAP_CASES))
-def test_small_maps(backend, sharing, case):
+@pytest.mark.parametrize("case", list(VECTOR_MAP_CASES))
+def test_vector_maps(backend, sharing, case):
     """Convs with 13 to 16 output pixels: groups of 1 to 9 samples, more kept outputs than one 16-row tile (a
     partial second tile), empty and full rows."""
-    H, W, k, stride, padding, dilation, residual, relu = SMALL_MAP_CASES[case]
+    H, W, k, stride, padding, dilation, residual, relu = VECTOR_MAP_CASES[case]
     B = 4 if interpreted(backend) else 9
     p = problem(B, 40, 36, 24, 20, H, W, k, sharing, stride, padding, dilation, relu=relu, residual=residual,
                 seed=H * 10 + W + k * 3 + stride)
@@ -342,7 +342,7 @@ def test_wide_one_pixel_layers(backend, sharing, case):
 def test_a_sample_s_output_does_not_depend_on_its_batch():
     """The CPU kernel sums every output in an order set by its sample's own rows: a sample run alone, in a batch of
     other samples, or in a group shared with others gives the same bits (narrow layers, the GEMM path, 4x4 maps (the
-    small-map path) and wide one-pixel layers alike; distributed evaluation relies on it)."""
+    vector-map path) and wide one-pixel layers alike; distributed evaluation relies on it)."""
     require("cpu")
     for c_in, h in ((256, 1), (4096, 1), (40, 6), (64, 4)):
         for sharing in ("sample", "class", "shared"):
@@ -492,13 +492,13 @@ def with_residual_take(p, k_res, seed, nan_elsewhere=False, per_sample=False):
 
 @pytest.mark.parametrize("take", ["row", "per_sample"])
 @pytest.mark.parametrize("sharing", ["shared", "class", "sample"])
-@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "3x3_small_map", "pointwise", "linear",
+@pytest.mark.parametrize("shape", ["3x3", "3x3_pixel_rows", "3x3_tiny_map", "3x3_vector_map", "pointwise", "linear",
                                    "wide_linear", "no_residual_channels"])
 def test_residual_take_is_the_recompacted_residual(backend, sharing, shape, take):
     """residual_take (the residual stored for another channel set, re-compacted in the epilogue; one row for the
     batch or a row per sample, which differs between the samples of one group) gives exactly the result of the op
     on the re-compacted residual, on every path of the CPU kernel (channel-vectorised 3x3, pixel tiles along 3x3
-    rows, tiny maps, small maps, pixel-vectorised 1x1, linear, whose micro-tiles span samples, and the one-pixel path
+    rows, tiny maps, vector maps, pixel-vectorised 1x1, linear, whose micro-tiles span samples, and the one-pixel path
     of wide linear layers), also where the residual has no
     channels; channels that no position takes are never read (NaN there stays out)."""
     small = interpreted(backend)
@@ -514,7 +514,7 @@ def test_residual_take_is_the_recompacted_residual(backend, sharing, shape, take
         p = problem(5, 30, 12, 20, 10, 1, 1, 1, sharing, padding=0, seed=13)
     elif shape == "wide_linear":  # >= 4096 inputs: the CPU kernel's one-pixel path
         p = problem(5, 4104, 12, 600, 10, 1, 1, 1, sharing, padding=0, seed=18)
-    elif shape == "3x3_small_map":  # 4 x 4 maps: the CPU kernel's small-map path
+    elif shape == "3x3_vector_map":  # 4 x 4 maps: the CPU kernel's vector-map path
         p = problem(5, 30, 24, 20, 18, 4, 4, 3, sharing, seed=19)
     else:
         p = problem(3, 8, 6, 5, 4, 5, 5, 3, sharing, seed=14)

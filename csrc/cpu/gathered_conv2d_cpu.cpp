@@ -17,7 +17,7 @@
 //     per-k offset table (koff), from x itself (padding 0) or from a zero-padded copy of the
 //     valid channels of the block's samples (thread-local buffer, reused across calls);
 //   * A: per 16-row tile, weights are gathered into a [K][16] panel (8x8 register transposes;
-//     this gather, from L3, bounds per-sample masks on small maps); the panel is reused over
+//     this gather, from L3, bounds per-sample masks on 4x4 maps); the panel is reused over
 //     every column of the item, i.e. every pixel of every sample of the group, and cached for the
 //     item when it has several column blocks;
 //   * 16x12 (AVX-512) / 16x6 (AVX2+FMA) register-blocked FMA micro-kernel, output channels in the lanes
@@ -26,8 +26,8 @@
 //     vector stores in the epilogue where the channel tile scatters single floats);
 //   * tiny maps (3x3 on 2x2: 8 <= input x output pixels <= 16, AVX-512): no GEMM at all, see run_tiny_map
 //     (output channel outer, each (output, input) channel pair one vector FMA of its tap matrix);
-//   * small maps (13..16 output pixels: 4x4, AVX-512): a sample's pixels in the lanes, weights broadcast from their
-//     rows in place (no packed tile), tiles of all groups in weight-row order, see run_small_map;
+//   * vector maps (13..16 output pixels: 4x4, AVX-512): a sample's pixels in the lanes, weights broadcast from their
+//     rows in place (no packed tile), tiles of all groups in weight-row order, see run_vector_map;
 //   * one-pixel layers at least 4096 weights wide (VGG-16's classifier; AVX-512): no GEMM either, see run_one_pixel
 //     (chunks of output channels outer, a weight row read from memory once for every group that keeps it);
 //   * fused epilogue: bias + residual + ReLU; rows with out_idx == -1 are written as exact zeros. With
@@ -810,6 +810,23 @@ ChunkEntries entries_by_chunk(const Problem& pb, int64_t chunk) {
   return ce;
 }
 
+// Byte offsets of the 64-byte lines of a weight row (its Cin x khw floats) that some group reads: the lines a path
+// that walks the rows in order prefetches for the next ones.
+std::vector<int64_t> row_lines(const Problem& pb) {
+  const ConvGeom& G = pb.geo;
+  std::vector<char> hit((G.Cin * G.khw * 4 + 63) / 64, 0);
+  for (const GroupInfo& gi : pb.groups) {
+    for (int64_t jv = 0; jv < gi.kv; ++jv) {
+      const int64_t c = pb.in_ch[gi.in_off + jv];
+      for (int64_t l = c * G.khw * 4 / 64; l <= ((c + 1) * G.khw * 4 - 1) / 64; ++l) hit[l] = 1;
+    }
+  }
+  std::vector<int64_t> lines;
+  for (int64_t l = 0; l < static_cast<int64_t>(hit.size()); ++l)
+    if (hit[l]) lines.push_back(l * 64);
+  return lines;
+}
+
 // Tiny maps (an input of Pi pixels, an output of Po pixels, 8 <= Pi * Po <= 16, at most 16 taps: 3x3 convs on 2x2
 // maps): the conv of one (output channel o, input channel c) pair is a Po x Pi matrix whose entries are taps of
 // weight[o, c] (zero where no tap of output pixel q reads input pixel p), one vector: lane q * Pi + p holds the tap
@@ -922,19 +939,7 @@ void run_tiny_map(const Problem& pb, const TinyMap& tm, int nthreads) {
   // floats per kept input channel) are too scattered for the hardware prefetcher: the lines of a row that some group
   // reads are prefetched into L2 while the row before runs. Per-sample VGG-16-BN 2x2 layers at batch 64, in the model
   // (paired rounds, per-step times): 1.18-1.29x; one shared mask 0.96-1.02x.
-  std::vector<int64_t> lines;  // byte offsets (64-byte lines) of a weight row that some group reads
-  {
-    std::vector<char> hit((row_stride * 4 + 63) / 64, 0);
-    for (int64_t g = 0; g < ng; ++g) {
-      const GroupInfo& gi = pb.groups[g];
-      for (int64_t jv = 0; jv < gi.kv; ++jv) {
-        const int64_t c = pb.in_ch[gi.in_off + jv];
-        hit[c * G.khw * 4 / 64] = hit[((c + 1) * G.khw * 4 - 1) / 64] = 1;
-      }
-    }
-    for (int64_t l = 0; l < static_cast<int64_t>(hit.size()); ++l)
-      if (hit[l]) lines.push_back(l * 64);
-  }
+  const std::vector<int64_t> lines = row_lines(pb);
   auto run_channel = [&](int64_t o) {
     const float* wrow = pb.w + o * row_stride;
     {
@@ -1186,38 +1191,41 @@ void run_one_pixel(const Problem& pb, int nthreads) {
   for_each_dynamic(static_cast<int64_t>(ce.start.size()) - 1, nthreads, run_chunk);
 }
 
-// Small maps (13 to 16 output pixels per sample: the 4x4 maps of the 32x32 models' last stage). The GEMM path packs
-// each group's weight tiles on its own: with per-sample masks a batch of 64 gathers (8x8 transposes) 64 x 590 KB of
-// a 9.4 MB 512 -> 512 layer, each weight then used for one sample's 16 pixels only, so the packing cost about as much
-// as the FMAs; and a 16-pixel sample fills a 12-column panel and a third of another. Here a sample's pixels are the
-// lanes of one vector, and a tile of 16 output channels x 1 sample broadcasts its weights from the weight rows in
-// place (no packing): acc[r] += weight[row r][channel, tap] * (the sample's pixels that tap reads). The sums run over
-// k = valid input * khw + tap in the order of the GEMM path: the same bits. Tiles of all groups run in the order of
-// their first weight row, so the groups that keep a row read it while it is still in cache.
+// Vector maps (13 to 16 output pixels per sample, a sample's map one vector: the 4x4 maps of the 32x32 models' last
+// stage). The GEMM path packs each group's weight tiles on its own: with per-sample masks a batch of 64 gathers (8x8
+// transposes) 64 x 590 KB of a 9.4 MB 512 -> 512 layer, each weight then used for one sample's 16 pixels only, so the
+// packing cost about as much as the FMAs; and a 16-pixel sample fills a 12-column panel and a third of another. Here
+// a sample's pixels are the lanes of one vector, and a tile of 16 output channels x 1 sample broadcasts its weights
+// from the weight rows in place (no packing): acc[r] += weight[row r][channel, tap] * (the sample's pixels that tap
+// reads). The sums run over k = valid input * khw + tap in the order of the GEMM path: the same bits. Tiles of all
+// groups run in the order of their first weight row, so the groups that keep a row read it while it is still in
+// cache (per sample, 512 -> 512: 1.05-1.10x against group by group; prefetching the rows of the tiles 8 ahead gained
+// nothing and was dropped).
 //
 // The pixels a tap reads: for inputs of at most 16 pixels, one permute of the channel's pixel vector (fused into
 // the tile); for 17 to 64 (a stride-2 conv from 8x8) an im2col of the sample built per tile (K x 16 floats, L1/L2).
 // Paired A/B against the GEMM path (captured calls of VGG-16-BN / ResNet-18 at 32x32, batch 64, density 0.25,
-// median of 15, 2 threads, Zen 4 VM): 3x3 on 4x4, per sample 1.57-1.62x, per class 1.15-1.21x, shared 1.13-1.25x;
-// 3x3 stride 2 from 8x8, per sample 1.30x, others 0.98-1.0x. A 1x1 stride-2 conv from 8x8 lost 0.92x shared (its
-// im2col per tile costs as much as its 16 FMAs per input) and keeps the GEMM path.
-constexpr int64_t kSmallMapMinP = 13;
-bool small_map(const ConvGeom& G) {
-  return G.P >= kSmallMapMinP && G.P <= 16 && (G.HW <= 16 || (G.HW <= 64 && G.khw > 1));
+// median of 15, 2 threads, Zen 4 VM): 3x3 on 4x4, per sample 1.43-1.62x, per class 1.15-1.21x, shared 1.02-1.25x;
+// 3x3 stride 2 from 8x8, per sample 1.15-1.30x, per class / shared 0.85-1.0x (kept for the per-sample case). A 1x1
+// stride-2 conv from 8x8 lost 0.92x shared (its im2col per tile costs as much as its 16 FMAs per input) and keeps
+// the GEMM path.
+constexpr int64_t kVectorMapMinP = 13;
+bool vector_map(const ConvGeom& G) {
+  return G.P >= kVectorMapMinP && G.P <= 16 && (G.HW <= 16 || (G.HW <= 64 && G.khw > 1));
 }
 
 thread_local ScratchBuffer tl_xcol;
 
 // Per tap: lane q (output pixel) -> the input pixel its window reads; lanes that read padding (or q >= P) are not
 // in `valid`; `upper`: lanes reading a pixel in [32, 64).
-struct SmallMapTaps {
+struct VectorMapTaps {
   std::vector<__m512i> idx;
   std::vector<__mmask16> valid, upper;
   std::vector<__m512i> fused;  // idx with 16 where the lane reads padding: the first lane of a zero vector
 };
 
-SmallMapTaps small_map_taps(const ConvGeom& G) {
-  SmallMapTaps sm;
+VectorMapTaps vector_map_taps(const ConvGeom& G) {
+  VectorMapTaps taps;
   for (int64_t ky = 0; ky < G.kh; ++ky) {
     for (int64_t kx = 0; kx < G.kw; ++kx) {
       alignas(64) int32_t idx[16] = {0}, fused[16];
@@ -1230,18 +1238,18 @@ SmallMapTaps small_map_taps(const ConvGeom& G) {
         valid |= 1u << q;
         if (idx[q] >= 32) upper |= 1u << q;
       }
-      sm.idx.push_back(_mm512_load_si512(idx));
-      sm.fused.push_back(_mm512_load_si512(fused));
-      sm.valid.push_back(static_cast<__mmask16>(valid));
-      sm.upper.push_back(static_cast<__mmask16>(upper));
+      taps.idx.push_back(_mm512_load_si512(idx));
+      taps.fused.push_back(_mm512_load_si512(fused));
+      taps.valid.push_back(static_cast<__mmask16>(valid));
+      taps.upper.push_back(static_cast<__mmask16>(upper));
     }
   }
-  return sm;
+  return taps;
 }
 
 // dst[(jv * khw + t) * 16 + q] = the pixel tap t of output pixel q reads in the jv-th valid channel of the sample
 // at xb (0 where it reads padding), for inputs of 17 to 64 pixels.
-void small_map_im2col(const Problem& pb, const GroupInfo& gi, const SmallMapTaps& sm, const float* xb,
+void vector_map_im2col(const Problem& pb, const GroupInfo& gi, const VectorMapTaps& taps, const float* xb,
                       float* __restrict dst) {
   const int64_t* ipos = pb.in_pos.data() + gi.in_off;
   const int64_t Pi = pb.geo.HW, khw = pb.geo.khw;
@@ -1254,16 +1262,16 @@ void small_map_im2col(const Problem& pb, const GroupInfo& gi, const SmallMapTaps
     const __m512 v2 = _mm512_maskz_loadu_ps(part[2], src + 32), v3 = _mm512_maskz_loadu_ps(part[3], src + 48);
     float* d = dst + jv * khw * 16;
     for (int64_t t = 0; t < khw; ++t) {
-      const __m512 lo = _mm512_permutex2var_ps(v0, sm.idx[t], v1), hi = _mm512_permutex2var_ps(v2, sm.idx[t], v3);
-      _mm512_store_ps(d + t * 16, _mm512_maskz_mov_ps(sm.valid[t], _mm512_mask_blend_ps(sm.upper[t], lo, hi)));
+      const __m512 lo = _mm512_permutex2var_ps(v0, taps.idx[t], v1), hi = _mm512_permutex2var_ps(v2, taps.idx[t], v3);
+      _mm512_store_ps(d + t * 16, _mm512_maskz_mov_ps(taps.valid[t], _mm512_mask_blend_ps(taps.upper[t], lo, hi)));
     }
   }
 }
 
 // Ct[r * 16 + q] = sum over k = jv * khw + t, ascending, of weight row wrows[r] at (ich[jv], t) times the pixel
-// that tap t of output pixel q reads in the sample's jv-th valid channel: xcol[k * 16 + q] (small_map_im2col).
+// that tap t of output pixel q reads in the sample's jv-th valid channel: xcol[k * 16 + q] (vector_map_im2col).
 template <int KHW>
-void small_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
+void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
                     const float* __restrict xcol, float* __restrict Ct) {
   const int64_t khw = KHW > 0 ? KHW : khw_rt;
   __m512 acc[MR];
@@ -1283,12 +1291,12 @@ void small_map_tile(const float* const* wrows, const int64_t* __restrict ich, in
   for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
 }
 
-// small_map_tile for inputs of at most 16 pixels, the im2col fused: the pixels of tap t are one permute of the
+// vector_map_tile for inputs of at most 16 pixels, the im2col fused: the pixels of tap t are one permute of the
 // channel's pixel vector (index 16, the zero vector's first lane, where the tap reads padding). A separate function
-// rather than a template flag of small_map_tile: merged, GCC allocated the registers of this loop worse (7-9 %
+// rather than a template flag of vector_map_tile: merged, GCC allocated the registers of this loop worse (7-9 %
 // slower per sample in paired runs).
 template <int KHW>
-void small_map_tile_fused(const float* const* wrows, const int64_t* __restrict ich, const int64_t* __restrict ipos,
+void vector_map_tile_fused(const float* const* wrows, const int64_t* __restrict ich, const int64_t* __restrict ipos,
                           int64_t kv, int64_t khw_rt, const __m512i* tidx, __mmask16 pixels, const float* xb,
                           int64_t HW, float* __restrict Ct) {
   const int64_t khw = KHW > 0 ? KHW : khw_rt;
@@ -1310,9 +1318,9 @@ void small_map_tile_fused(const float* const* wrows, const int64_t* __restrict i
   for (int r = 0; r < MR; ++r) _mm512_store_ps(Ct + r * 16, acc[r]);
 }
 
-void run_small_map(const Problem& pb, int nthreads) {
+void run_vector_map(const Problem& pb, int nthreads) {
   const ConvGeom& G = pb.geo;
-  const SmallMapTaps sm = small_map_taps(G);
+  const VectorMapTaps taps = vector_map_taps(G);
   const bool fused = G.HW <= 16;
   const __mmask16 pixels = static_cast<__mmask16>((1u << std::min<int64_t>(G.HW, 16)) - 1u);
   // (first weight row, group, tile) of every 16-row tile, by first weight row
@@ -1322,9 +1330,10 @@ void run_small_map(const Problem& pb, int nthreads) {
     for (int64_t mt = 0; mt * MR < gi.mv; ++mt) tiles.emplace_back(pb.out_ch[gi.out_off + mt * MR], g, mt);
   }
   std::sort(tiles.begin(), tiles.end());
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const __mmask16 lanes = static_cast<__mmask16>((1u << G.P) - 1u);
   const int64_t row_stride = G.Cin * G.khw;
-  for_each_dynamic(static_cast<int64_t>(tiles.size()), nthreads, [&](int64_t i) {
+  for_each_dynamic(ntiles, nthreads, [&](int64_t i) {
     const auto [first, g, mt] = tiles[i];
     const GroupInfo& gi = pb.groups[g];
     const int rows = static_cast<int>(std::min<int64_t>(MR, gi.mv - mt * MR));
@@ -1340,12 +1349,12 @@ void run_small_map(const Problem& pb, int nthreads) {
       const int64_t b = pb.samples[gi.start + si];
       const float* xb = pb.x + b * G.Kin * G.HW;
       if (fused) {
-        if (G.khw == 9) small_map_tile_fused<9>(wrows, ich, ipos, gi.kv, 9, sm.fused.data(), pixels, xb, G.HW, Ct);
-        else small_map_tile_fused<0>(wrows, ich, ipos, gi.kv, G.khw, sm.fused.data(), pixels, xb, G.HW, Ct);
+        if (G.khw == 9) vector_map_tile_fused<9>(wrows, ich, ipos, gi.kv, 9, taps.fused.data(), pixels, xb, G.HW, Ct);
+        else vector_map_tile_fused<0>(wrows, ich, ipos, gi.kv, G.khw, taps.fused.data(), pixels, xb, G.HW, Ct);
       } else {
-        small_map_im2col(pb, gi, sm, xb, xcol);
-        if (G.khw == 9) small_map_tile<9>(wrows, ich, gi.kv, 9, xcol, Ct);
-        else small_map_tile<0>(wrows, ich, gi.kv, G.khw, xcol, Ct);
+        vector_map_im2col(pb, gi, taps, xb, xcol);
+        if (G.khw == 9) vector_map_tile<9>(wrows, ich, gi.kv, 9, xcol, Ct);
+        else vector_map_tile<0>(wrows, ich, gi.kv, G.khw, xcol, Ct);
       }
       pixel_epilogue(pb, rows, opos, och, b, b * G.Kout * G.P, b * pb.res_K * G.P, lanes, Ct);
     }
@@ -1430,8 +1439,8 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& in_idx, co
     run_one_pixel(pb, nthreads);
     return out;
   }
-  if (small_map(pb.geo)) {
-    run_small_map(pb, nthreads);
+  if (vector_map(pb.geo)) {
+    run_vector_map(pb, nthreads);
     return out;
   }
 #endif
