@@ -1218,28 +1218,33 @@ thread_local ScratchBuffer tl_xcol;
 
 // Per tap: lane q (output pixel) -> the input pixel its window reads; lanes that read padding (or q >= P) are not
 // in `valid`; `upper`: lanes reading a pixel in [32, 64).
+// (Lane tables as 64-byte aligned int32 arrays: a std::vector of __m512i drops the type's may_alias attribute.)
+struct alignas(64) LaneIndex {
+  int32_t v[16];
+};
+
 struct VectorMapTaps {
-  std::vector<__m512i> idx;
+  std::vector<LaneIndex> idx;
   std::vector<__mmask16> valid, upper;
-  std::vector<__m512i> fused;  // idx with 16 where the lane reads padding: the first lane of a zero vector
+  std::vector<LaneIndex> fused;  // idx with 16 where the lane reads padding: the first lane of a zero vector
 };
 
 VectorMapTaps vector_map_taps(const ConvGeom& G) {
   VectorMapTaps taps;
   for (int64_t ky = 0; ky < G.kh; ++ky) {
     for (int64_t kx = 0; kx < G.kw; ++kx) {
-      alignas(64) int32_t idx[16] = {0}, fused[16];
+      LaneIndex idx{}, fused;
       uint32_t valid = 0, upper = 0;
       for (int64_t q = 0; q < 16; ++q) {
-        fused[q] = 16;
+        fused.v[q] = 16;
         const int64_t iy = (q / G.Wo) * G.sh - G.ph + ky * G.dh, ix = (q % G.Wo) * G.sw - G.pw + kx * G.dw;
         if (q >= G.P || iy < 0 || iy >= G.H || ix < 0 || ix >= G.W) continue;
-        fused[q] = idx[q] = static_cast<int32_t>(iy * G.W + ix);
+        fused.v[q] = idx.v[q] = static_cast<int32_t>(iy * G.W + ix);
         valid |= 1u << q;
-        if (idx[q] >= 32) upper |= 1u << q;
+        if (idx.v[q] >= 32) upper |= 1u << q;
       }
-      taps.idx.push_back(_mm512_load_si512(idx));
-      taps.fused.push_back(_mm512_load_si512(fused));
+      taps.idx.push_back(idx);
+      taps.fused.push_back(fused);
       taps.valid.push_back(static_cast<__mmask16>(valid));
       taps.upper.push_back(static_cast<__mmask16>(upper));
     }
@@ -1262,7 +1267,8 @@ void vector_map_im2col(const Problem& pb, const GroupInfo& gi, const VectorMapTa
     const __m512 v2 = _mm512_maskz_loadu_ps(part[2], src + 32), v3 = _mm512_maskz_loadu_ps(part[3], src + 48);
     float* d = dst + jv * khw * 16;
     for (int64_t t = 0; t < khw; ++t) {
-      const __m512 lo = _mm512_permutex2var_ps(v0, taps.idx[t], v1), hi = _mm512_permutex2var_ps(v2, taps.idx[t], v3);
+      const __m512i idx = _mm512_load_si512(taps.idx[t].v);
+      const __m512 lo = _mm512_permutex2var_ps(v0, idx, v1), hi = _mm512_permutex2var_ps(v2, idx, v3);
       _mm512_store_ps(d + t * 16, _mm512_maskz_mov_ps(taps.valid[t], _mm512_mask_blend_ps(taps.upper[t], lo, hi)));
     }
   }
@@ -1271,7 +1277,7 @@ void vector_map_im2col(const Problem& pb, const GroupInfo& gi, const VectorMapTa
 // Ct[r * 16 + q] = sum over k = jv * khw + t, ascending, of weight row wrows[r] at (ich[jv], t) times the pixel
 // that tap t of output pixel q reads in the sample's jv-th valid channel: xcol[k * 16 + q] (vector_map_im2col).
 template <int KHW>
-void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
+__attribute__((noinline)) void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
                     const float* __restrict xcol, float* __restrict Ct) {
   const int64_t khw = KHW > 0 ? KHW : khw_rt;
   __m512 acc[MR];
@@ -1294,11 +1300,13 @@ void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, i
 // vector_map_tile for inputs of at most 16 pixels, the im2col fused: the pixels of tap t are one permute of the
 // channel's pixel vector (index 16, the zero vector's first lane, where the tap reads padding). A separate function
 // rather than a template flag of vector_map_tile: merged, GCC allocated the registers of this loop worse (7-9 %
-// slower per sample in paired runs).
+// slower per sample in paired runs). Both stay out of line, as measured (inlined into the tile loop, their register
+// allocation would again be left to the caller's).
 template <int KHW>
-void vector_map_tile_fused(const float* const* wrows, const int64_t* __restrict ich, const int64_t* __restrict ipos,
-                          int64_t kv, int64_t khw_rt, const __m512i* tidx, __mmask16 pixels, const float* xb,
-                          int64_t HW, float* __restrict Ct) {
+__attribute__((noinline)) void vector_map_tile_fused(const float* const* wrows, const int64_t* __restrict ich,
+                                                     const int64_t* __restrict ipos, int64_t kv, int64_t khw_rt,
+                                                     const LaneIndex* tidx, __mmask16 pixels, const float* xb,
+                                                     int64_t HW, float* __restrict Ct) {
   const int64_t khw = KHW > 0 ? KHW : khw_rt;
   const __m512 zero = _mm512_setzero_ps();
   __m512 acc[MR];
@@ -1309,7 +1317,7 @@ void vector_map_tile_fused(const float* const* wrows, const int64_t* __restrict 
     const __m512 v = _mm512_maskz_loadu_ps(pixels, xb + ipos[jv] * HW);
 #pragma GCC unroll 9
     for (int64_t t = 0; t < khw; ++t) {
-      const __m512 xv = _mm512_permutex2var_ps(v, tidx[t], zero);
+      const __m512 xv = _mm512_permutex2var_ps(v, _mm512_load_si512(tidx[t].v), zero);
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wrows[r][off + t]), xv, acc[r]);
     }
