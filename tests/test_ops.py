@@ -148,6 +148,12 @@ def check(backend, p, dtype=torch.float32, what=""):
     return out
 
 
+def assert_nans_as_reference(backend, p, what):
+    """The op's NaN outputs are exactly the reference's (a NaN input reaches only the outputs that read it)."""
+    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
+    assert torch.equal(got.isnan(), ref.isnan()), what
+
+
 def problem(*args, **kw):
     """make_problem with the weight scaled by 1/sqrt(fan-in) (activations stay O(1) in half precision)."""
     return make_problem(*args, scale_weight=True, **kw)
@@ -269,8 +275,7 @@ def test_tiny_maps(backend, sharing, case):
     check(backend, p, what=case)
     # a NaN pixel reaches only the outputs whose taps read it (with dilation 2 on 2x2 each output reads one pixel)
     p["x"][:, :, 0, 0] = float("nan")
-    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
-    assert torch.equal(got.isnan(), ref.isnan()), case
+    assert_nans_as_reference(backend, p, case)
 
 
 # (H, W, k, stride, padding, dilation, residual, relu): output maps of 13 to 16 pixels (the CPU kernel's vector-map
@@ -304,8 +309,7 @@ def test_vector_maps(backend, sharing, case):
     check(backend, p, what=case)
     # a NaN pixel reaches only the outputs whose taps read it
     p["x"][:, :, 1, 0] = float("nan")
-    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
-    assert torch.equal(got.isnan(), ref.isnan()), case
+    assert_nans_as_reference(backend, p, case)
 
 
 # One-pixel layers at least 4096 weights wide (the CPU kernel's one-pixel path): (C_in, k, stride, padding, dilation,
@@ -335,8 +339,7 @@ def test_wide_one_pixel_layers(backend, sharing, case):
     check(backend, p, what=case)
     # a NaN input reaches exactly the outputs of its samples (where some tap reads the pixel)
     p["x"][0, 0] = float("nan")
-    got, ref = run(backend, p).cpu(), gathered_conv2d_reference(**p)
-    assert torch.equal(got.isnan(), ref.isnan()), case
+    assert_nans_as_reference(backend, p, case)
 
 
 def test_a_sample_s_output_does_not_depend_on_its_batch():

@@ -1213,9 +1213,10 @@ bool vector_map(const ConvGeom& G) {
 
 thread_local ScratchBuffer tl_xcol;
 
-// Per tap: lane q (output pixel) -> the input pixel its window reads; lanes that read padding (or q >= P) are not
-// in `valid`; `upper`: lanes reading a pixel in [32, 64).
-// (Lane tables as 64-byte aligned int32 arrays: a std::vector of __m512i drops the type's may_alias attribute.)
+// Per tap: lane q (output pixel) -> the input pixel its window reads, 16 where it reads padding (or q >= P): the
+// fused tile's permute takes lane 0 of its zero vector there, and the im2col zeroes the lanes outside `valid`;
+// `upper`: lanes reading a pixel in [32, 64). (The index table as 64-byte aligned int32 arrays: a std::vector of
+// __m512i drops the type's may_alias attribute.)
 struct alignas(64) LaneIndex {
   int32_t v[16];
 };
@@ -1223,25 +1224,23 @@ struct alignas(64) LaneIndex {
 struct VectorMapTaps {
   std::vector<LaneIndex> idx;
   std::vector<__mmask16> valid, upper;
-  std::vector<LaneIndex> fused;  // idx with 16 where the lane reads padding: the first lane of a zero vector
 };
 
 VectorMapTaps vector_map_taps(const ConvGeom& G) {
   VectorMapTaps taps;
   for (int64_t ky = 0; ky < G.kh; ++ky) {
     for (int64_t kx = 0; kx < G.kw; ++kx) {
-      LaneIndex idx{}, fused;
+      LaneIndex idx;
       uint32_t valid = 0, upper = 0;
       for (int64_t q = 0; q < 16; ++q) {
-        fused.v[q] = 16;
+        idx.v[q] = 16;
         const int64_t iy = (q / G.Wo) * G.sh - G.ph + ky * G.dh, ix = (q % G.Wo) * G.sw - G.pw + kx * G.dw;
         if (q >= G.P || iy < 0 || iy >= G.H || ix < 0 || ix >= G.W) continue;
-        fused.v[q] = idx.v[q] = static_cast<int32_t>(iy * G.W + ix);
+        idx.v[q] = static_cast<int32_t>(iy * G.W + ix);
         valid |= 1u << q;
         if (idx.v[q] >= 32) upper |= 1u << q;
       }
       taps.idx.push_back(idx);
-      taps.fused.push_back(fused);
       taps.valid.push_back(static_cast<__mmask16>(valid));
       taps.upper.push_back(static_cast<__mmask16>(upper));
     }
@@ -1274,8 +1273,8 @@ void vector_map_im2col(const Problem& pb, const GroupInfo& gi, const VectorMapTa
 // Ct[r * 16 + q] = sum over k = jv * khw + t, ascending, of weight row wrows[r] at (ich[jv], t) times the pixel
 // that tap t of output pixel q reads in the sample's jv-th valid channel: xcol[k * 16 + q] (vector_map_im2col).
 template <int KHW>
-__attribute__((noinline)) void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv, int64_t khw_rt,
-                    const float* __restrict xcol, float* __restrict Ct) {
+__attribute__((noinline)) void vector_map_tile(const float* const* wrows, const int64_t* __restrict ich, int64_t kv,
+                                               int64_t khw_rt, const float* __restrict xcol, float* __restrict Ct) {
   const int64_t khw = KHW > 0 ? KHW : khw_rt;
   __m512 acc[MR];
 #pragma GCC unroll 16
@@ -1354,8 +1353,8 @@ void run_vector_map(const Problem& pb, int nthreads) {
       const int64_t b = pb.samples[gi.start + si];
       const float* xb = pb.x + b * G.Kin * G.HW;
       if (fused) {
-        if (G.khw == 9) vector_map_tile_fused<9>(wrows, ich, ipos, gi.kv, 9, taps.fused.data(), pixels, xb, G.HW, Ct);
-        else vector_map_tile_fused<0>(wrows, ich, ipos, gi.kv, G.khw, taps.fused.data(), pixels, xb, G.HW, Ct);
+        if (G.khw == 9) vector_map_tile_fused<9>(wrows, ich, ipos, gi.kv, 9, taps.idx.data(), pixels, xb, G.HW, Ct);
+        else vector_map_tile_fused<0>(wrows, ich, ipos, gi.kv, G.khw, taps.idx.data(), pixels, xb, G.HW, Ct);
       } else {
         vector_map_im2col(pb, gi, taps, xb, xcol);
         if (G.khw == 9) vector_map_tile<9>(wrows, ich, gi.kv, 9, xcol, Ct);
