@@ -253,7 +253,8 @@ def test_pixel_row_tiles(backend, sharing, case):
 
 
 # (H, W, k, padding, dilation, residual, relu): maps of Pi input and Po output pixels with 8 <= Pi * Po <= 16 (the CPU
-# kernel's tiny-map path: one Po x Pi matrix of taps per channel pair), some pairs reading no tap
+# kernel's tiny-map path: one Po x Pi matrix of taps per channel pair, rows of Pi rounded up to 2, 4, 8 or 16 lanes),
+# some pairs reading no tap
 TINY_MAP_CASES = {
     "2x2_pad1": (2, 2, 3, 1, 1, True, True),
     "2x2_pad1_plain": (2, 2, 3, 1, 1, False, False),
@@ -261,6 +262,10 @@ TINY_MAP_CASES = {
     "3x1_pad1": (3, 1, 3, 1, 1, True, True),
     "4x1_pad1": (4, 1, 3, 1, 1, False, True),
     "1x4_pad1": (1, 4, 3, 1, 1, True, False),
+    "2x1_k2_pad1": (2, 1, 2, 1, 1, True, True),
+    "3x2_k2": (3, 2, 2, 0, 1, True, False),
+    "3x3_k3": (3, 3, 3, 0, 1, False, True),
+    "4x4_k4": (4, 4, 4, 0, 1, True, True),
 }
 
 
