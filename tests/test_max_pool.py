@@ -47,6 +47,18 @@ def specials(x: torch.Tensor, seed: int) -> torch.Tensor:
     ((1, 1, 1, 1), (1, 1), (1, 1), (0, 0)),
     ((1, 1, 3, 3), (3, 3), (1, 1), (0, 0)),        # one output
     ((2, 1, 2, 35), (2, 3), (2, 2), (1, 1)),
+    # 2x2 stride-2 pools over the whole tensor (W = 2 ... 32): VGG-16-BN's maps, a last partial
+    # block of 16 outputs, outputs only in the tail, odd H (the row path)
+    ((3, 5, 32, 32), (2, 2), (2, 2), (0, 0)),
+    ((3, 7, 16, 16), (2, 2), (2, 2), (0, 0)),
+    ((2, 5, 8, 8), (2, 2), (2, 2), (0, 0)),
+    ((3, 3, 4, 4), (2, 2), (2, 2), (0, 0)),
+    ((5, 3, 2, 2), (2, 2), (2, 2), (0, 0)),
+    ((1, 3, 10, 32), (2, 2), (2, 2), (0, 0)),
+    ((1, 3, 6, 16), (2, 2), (2, 2), (0, 0)),
+    ((2, 3, 6, 4), (2, 2), (2, 2), (0, 0)),
+    ((1, 1, 2, 2), (2, 2), (2, 2), (0, 0)),
+    ((2, 3, 7, 16), (2, 2), (2, 2), (0, 0)),
 ])
 def test_matches_torch(shape, k, s, p):
     x = specials(torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))), seed=len(shape))

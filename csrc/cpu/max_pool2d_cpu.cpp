@@ -71,6 +71,51 @@ void row_maxima(const float* row, int64_t W, int64_t Wo, int64_t kw, int64_t sw,
   for (ow = last; ow < Wo; ++ow) edge(ow);
 }
 
+#if defined(__AVX512F__)
+// 2x2 stride-2 pools (VGG's) on maps of even H and W = 2, 4, 8, 16 or 32: the input read as rows of pairs of input
+// rows (row n at x + 2 n W, across planes: H is even), m[n W + w] = max(x[2 n W + w], x[2 n W + W + w]), and
+// out[k] = max(m[2 k], m[2 k + 1]) over the whole tensor at once (W even: no pair crosses a row). A block of 16 m
+// values lies in one row (W = 16, 32: two loads) or spans 16 / W rows, which are 32 consecutive inputs (one
+// two-source permute per half); two blocks give 16 outputs. The row-by-row path pays a fixed cost per output row:
+// VGG-16-BN's pools at batch 64 took 0.13-0.28 ms each (W = 32 ... 4) against 0.01-0.04 ms here (op level, warm).
+// Wider rows keep the row path, which reads each input row in order: in a VGG-16 224^2 batch-8 run its pool of
+// 224-float rows (input 26 MB, from memory) took 1.1 ms against 1.85 ms for this path's two interleaved row streams,
+// and on 112-float rows the two were within 10 %.
+bool pool_2x2_flat(const float* x, float* out, int64_t planes, int64_t H, int64_t W) {
+  if (H % 2 != 0 || !(W == 2 || W == 4 || W == 8 || W == 16 || W == 32)) return false;
+  const int64_t M = planes * (H / 2) * W;  // m values
+  const int64_t blocks = M / 32;            // 16 outputs each
+  alignas(64) int32_t top[16];
+  for (int l = 0; l < 16; ++l) top[l] = static_cast<int32_t>(W < 16 ? (l / W) * 2 * W + l % W : l);
+  const __m512i itop = _mm512_load_si512(top);
+  const __m512i ibot = _mm512_add_epi32(itop, _mm512_set1_epi32(static_cast<int32_t>(W < 16 ? W : 0)));
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  auto mblock = [&](int64_t i0) {  // m[i0 .. i0 + 16), i0 % 16 == 0
+    if (W >= 16) {
+      const float* r = x + 2 * (i0 / W) * W + i0 % W;
+      return nanmax16(_mm512_loadu_ps(r), _mm512_loadu_ps(r + W));
+    }
+    const float* r = x + 2 * i0;  // 16 / W pairs of rows: 32 inputs from row 2 i0 / W
+    const __m512 a = _mm512_loadu_ps(r), b = _mm512_loadu_ps(r + 16);
+    return nanmax16(_mm512_permutex2var_ps(a, itop, b), _mm512_permutex2var_ps(a, ibot, b));
+  };
+  at::parallel_for(0, blocks, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const __m512 m0 = mblock(32 * t), m1 = mblock(32 * t + 16);
+      _mm512_storeu_ps(out + 16 * t,
+                       nanmax16(_mm512_permutex2var_ps(m0, even, m1), _mm512_permutex2var_ps(m0, odd, m1)));
+    }
+  });
+  for (int64_t k = 16 * blocks; k < M / 2; ++k) {  // the outputs past the last whole block
+    const int64_t n = k / (W / 2), j = k % (W / 2);
+    const float* r = x + 2 * n * W + 2 * j;
+    out[k] = nanmax(nanmax(r[0], r[1]), nanmax(r[W], r[W + 1]));
+  }
+  return true;
+}
+#endif
+
 at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                           at::IntArrayRef padding) {
   TORCH_CHECK(x_in.device().is_cpu(), "max_pool2d: x must be a CPU tensor here, got ", x_in.device());
@@ -83,6 +128,10 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::In
   if (out.numel() == 0) return out;
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+#if defined(__AVX512F__)
+  if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && pool_2x2_flat(src, dst, B * C, H, W))
+    return out;
+#endif
   const int64_t rows = B * C * Ho, plane_in = H * W;  // one task per output row
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(kh * W, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
