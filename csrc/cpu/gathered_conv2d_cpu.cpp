@@ -841,8 +841,8 @@ std::vector<int64_t> row_lines(const Problem& pb) {
 // input channels, and a group's compact inputs (16 bytes per channel and sample on 2x2) stay in L1 across the rows:
 // with per-sample masks the packed kernel gathers every sample's rows from L3 instead (64 samples x 590 KB for
 // VGG-16's 512 -> 512 convs at 0.25). Against the copy of 16 floats per channel repeated for every output pixel
-// (which streamed 8 KB per sample from L2 for every row) and 4 samples per permute, VGG-16-BN's 2x2 layers at
-// batch 64, op level: per class 1.6x, per sample 1.24x, batch 8 per sample 1.14x.
+// (which streamed 8 KB per sample from L2 for every row) and 4 samples per permute, VGG-16-BN's 2x2 layers, op level:
+// batch 64 per class 1.5-2.0x, per sample 1.16-1.23x; batch 8 per sample 1.12-1.22x; batch 1 0.96-1.04x.
 struct TinyMap {
   int Pi = 0, Po = 0, Pw = 0;
   __mmask16 valid = 0;  // lanes (q, p) read by some tap
@@ -884,7 +884,8 @@ template <int PW>
 inline __m512 tiny_map_x(const float* p) {
   if constexpr (PW == 2) return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(p)));
   else if constexpr (PW == 4) return _mm512_broadcast_f32x4(_mm_load_ps(p));
-  else if constexpr (PW == 8) return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd(reinterpret_cast<const double*>(p))));
+  else if constexpr (PW == 8)
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd(reinterpret_cast<const double*>(p))));
   else return _mm512_load_ps(p);
 }
 
