@@ -926,6 +926,15 @@ inline void tiny_map_dot(const float* wrow, const int64_t* ich, int64_t kv, int6
   }
 }
 
+using TinyDotFn = void (*)(const float*, const int64_t*, int64_t, int64_t, const TinyMap&, const float*, int64_t,
+                           float (*)[16]);
+
+// tiny_map_dot for 1 to 8 samples
+template <int PW>
+constexpr TinyDotFn kTinyDots[8] = {&tiny_map_dot<1, PW>, &tiny_map_dot<2, PW>, &tiny_map_dot<3, PW>,
+                                    &tiny_map_dot<4, PW>, &tiny_map_dot<5, PW>, &tiny_map_dot<6, PW>,
+                                    &tiny_map_dot<7, PW>, &tiny_map_dot<8, PW>};
+
 template <int PW>
 void run_tiny_map_pw(const Problem& pb, const TinyMap& tm, int nthreads) {
   const ConvGeom& G = pb.geo;
@@ -977,18 +986,7 @@ void run_tiny_map_pw(const Problem& pb, const TinyMap& tm, int nthreads) {
       for (int64_t s0 = 0, c = 0; c < calls; ++c) {
         const int n = static_cast<int>((gi.count - s0 + (calls - c) - 1) / (calls - c));
         alignas(64) float sums[8][16];
-        const float* xp = xc + xoff[g] + s0 * gi.kv * PW;
-        const int64_t xs = gi.kv * PW;
-        switch (n) {
-          case 8: tiny_map_dot<8, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 7: tiny_map_dot<7, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 6: tiny_map_dot<6, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 5: tiny_map_dot<5, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 4: tiny_map_dot<4, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 3: tiny_map_dot<3, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          case 2: tiny_map_dot<2, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-          default: tiny_map_dot<1, PW>(wrow, ich, gi.kv, G.khw, tm, xp, xs, sums); break;
-        }
+        kTinyDots<PW>[n - 1](wrow, ich, gi.kv, G.khw, tm, xc + xoff[g] + s0 * gi.kv * PW, gi.kv * PW, sums);
         for (int si = 0; si < n; ++si) {
           const float* acc = sums[si];
           const int64_t b = pb.samples[gi.start + s0 + si];
